@@ -1,0 +1,168 @@
+"""Claims: what a chapter declares in its ``claims.yaml`` before anything runs.
+
+A claim says what a paper or repository asserts, where, at which setting, and the test that decides
+whether our measurement reproduces it. The file is validated against ``schemas/claims.schema.json``;
+a malformed file fails with the file, the claim id and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PROFILES = ("smoke", "gpu", "full")
+GRADING_FIELDS = ("holds_if", "reduced_scale_if", "partial_if", "profiles", "unit")
+
+
+class ClaimsError(ValueError):
+    """A claims.yaml that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    claim: str
+    source: dict[str, str]
+    metric: str
+    unit: str
+    claimed: dict[str, Any]
+    holds_if: dict[str, Any]
+    profiles: dict[str, str]  # profile -> "own" | "reduced"
+    reduced_scale_if: dict[str, Any] | None = None
+    partial_if: dict[str, Any] | None = None
+    notes: str | None = None
+    disagreement: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Claim:
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def grading_view(self) -> dict[str, Any]:
+        """The fields that decide a grade: a ledger is stale when these change after its run."""
+        return {k: getattr(self, k) for k in GRADING_FIELDS}
+
+    @property
+    def cite(self) -> str:
+        s = self.source
+        head = s.get("paper") or (s["repo"] + (f" `{s['file']}`" if "file" in s else ""))
+        return f"{head}, {s['where']}"
+
+
+@dataclass(frozen=True)
+class Chapter:
+    id: str
+    title: str
+    minutes: dict[str, float]
+    parameters: dict[str, dict[str, Any]]
+    claims: tuple[Claim, ...]
+    folder: Path = field(compare=False)
+
+    @property
+    def notebook(self) -> Path:
+        return self.folder / f"{self.id}.ipynb"
+
+    def claim(self, claim_id: str) -> Claim:
+        for c in self.claims:
+            if c.id == claim_id:
+                return c
+        raise KeyError(f"chapter {self.id} declares no claim {claim_id!r}; its claims are: "
+                       + ", ".join(c.id for c in self.claims))
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    return json.loads(resources.files("repro_utils").joinpath("schemas", name).read_text())
+
+
+def _where(path: Path, data: dict[str, Any], err: jsonschema.ValidationError) -> str:
+    loc = list(err.absolute_path)
+    parts = []
+    if len(loc) >= 2 and loc[0] == "claims" and isinstance(loc[1], int):
+        try:
+            parts.append(f"claim {data['claims'][loc[1]].get('id', '#' + str(loc[1]))!r}")
+        except (KeyError, IndexError, AttributeError):
+            parts.append(f"claim #{loc[1]}")
+        loc = loc[2:]
+    elif len(loc) >= 2 and loc[0] == "parameters":
+        parts.append(f"parameter {loc[1]!r}")
+        loc = loc[2:]
+    field_ = ".".join(str(x) for x in loc) or "(top level)"
+    return f"{path}: {' '.join(parts) + ', ' if parts else ''}field {field_}: {err.message}"
+
+
+def load_chapter(path: str | Path) -> Chapter:
+    """Load and validate a chapter's claims.yaml (path to the file or to its folder)."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        path = path / "claims.yaml"
+    if not path.is_file():
+        raise ClaimsError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ClaimsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ClaimsError(f"{path}: expected a mapping at the top level")
+    validator = jsonschema.Draft202012Validator(schema("claims.schema.json"))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ClaimsError(_where(path, data, best))
+    if data["chapter"] != path.parent.name:
+        raise ClaimsError(f"{path}: field chapter: {data['chapter']!r} must equal its folder's name "
+                          f"{path.parent.name!r}")
+    seen: set[str] = set()
+    for c in data["claims"]:
+        if c["id"] in seen:
+            raise ClaimsError(f"{path}: claim {c['id']!r}, field id: declared twice")
+        seen.add(c["id"])
+    from repro_utils.profiles import check_spec  # late import: profiles imports this module
+
+    for name, spec in data["parameters"].items():
+        try:
+            check_spec(name, spec)
+        except ValueError as e:
+            raise ClaimsError(f"{path}: parameter {name!r}: {e}") from None
+    claims = tuple(Claim.from_dict(c) for c in data["claims"])
+    return Chapter(id=data["chapter"], title=data["title"], minutes=data["minutes"],
+                   parameters=data["parameters"], claims=claims, folder=path.parent)
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """The course's root: the nearest folder above ``start`` (default: cwd) holding _toc.yml."""
+    import os
+
+    if os.environ.get("REPRO_ROOT"):
+        return Path(os.environ["REPRO_ROOT"]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "_toc.yml").is_file() and (p / "chapters").is_dir():
+            return p
+    raise FileNotFoundError(f"no course root (a folder with _toc.yml and chapters/) above {here}")
+
+
+def chapters(root: str | Path) -> list[Chapter]:
+    """Every chapter under ``root/chapters``, in order."""
+    return [load_chapter(p) for p in sorted(Path(root, "chapters").glob("*/claims.yaml"))]
+
+
+def resolve_chapter(root: str | Path, name: str) -> Chapter:
+    """A chapter by its id (``03_flash_attention``), number (``03``, ``3``) or slug (``flash_attention``)."""
+    folders = sorted(p.parent for p in Path(root, "chapters").glob("*/claims.yaml"))
+    ids = [f.name for f in folders]
+    key = name.strip().rstrip("/").split("/")[-1]
+    hits = [f for f in folders if key in (f.name, f.name[:2], f.name[3:]) or
+            (key.isdigit() and f.name[:2] == key.zfill(2))]
+    if len(hits) != 1:
+        raise KeyError(f"unknown chapter {name!r}; chapters are: {', '.join(ids) or '(none)'}")
+    return load_chapter(hits[0])
