@@ -1,0 +1,43 @@
+"""Shared fixtures. Tests are offline and deterministic: data from ../shared/data (REPRO_DATA_DIR) or
+made by the tests; every random draw is seeded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Offline data: ../shared/data beside the checkout, unless REPRO_DATA_DIR already points somewhere.
+_shared = ROOT.parent / "shared" / "data"
+if not os.environ.get("REPRO_DATA_DIR") and _shared.is_dir():
+    os.environ["REPRO_DATA_DIR"] = str(_shared)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("REPRO_OFFLINE", "1")
+
+
+@pytest.fixture
+def course(tmp_path: Path) -> Path:
+    """A throwaway course root with the self-test chapter, as a git repository."""
+    root = tmp_path / "course"
+    (root / "chapters").mkdir(parents=True)
+    (root / "book").mkdir()
+    shutil.copytree(FIXTURES / "00_selftest", root / "chapters" / "00_selftest")
+    shutil.copyfile(ROOT / "_toc.yml", root / "_toc.yml")
+    (root / "book" / "corrections.md").write_text("# Corrections\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    return root
+
+
+def git_commit(root: Path, msg: str) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", msg], cwd=root, check=True)
