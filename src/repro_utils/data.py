@@ -135,3 +135,21 @@ def tokens(split: str, *, max_tokens: int | None = None) -> np.ndarray:
     np.save(tmp, arr)
     tmp.replace(path)
     return arr
+
+
+def batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, generator=None, device="cpu"):
+    """A random language-modelling batch: (x, y) int64 tensors of shape (batch_size, seq_len), y = x shifted by one.
+
+    ``generator`` is a torch.Generator (CPU) so that batches are reproducible for a seed.
+    """
+    import torch
+
+    if len(tokens) <= seq_len + 1:
+        raise ValueError(f"{len(tokens)} tokens cannot fill a sequence of {seq_len}")
+    starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
+    idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+    chunk = torch.from_numpy(np.asarray(tokens[idx.numpy()], dtype=np.int64))
+    x, y = chunk[:, :-1], chunk[:, 1:]
+    if str(device).startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
