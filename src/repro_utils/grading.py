@@ -169,7 +169,7 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
         return Grade(UNVERIFIED, f"The {profile} run recorded no value and no reason; {claimed}.")
     scale = "reduced" if "reduced" in (claim.profiles[profile], m.scale) else "own"
     holds, reduced_test = claim.holds_if, claim.reduced_scale_if or claim.holds_if
-    measured = f"measured {describe_measurement(m, claim.unit)} ({m.setting})"
+    measured = f"Measured {describe_measurement(m, claim.unit)} ({m.setting})"
     rule = f"reproduced if {describe_test(holds, claim.unit)}"
     if claim.reduced_scale_if:
         rule += f", at reduced scale if {describe_test(claim.reduced_scale_if, claim.unit)}"
@@ -190,4 +190,4 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
             rung, why = PARTIAL, "the effect is there but weaker than the test asks"
         else:
             rung, why = NOT_REPRODUCED, "fails the test at the reduced setting"
-    return Grade(rung, f"{measured.capitalize()} vs {claimed}; {rule}: {why}.")
+    return Grade(rung, f"{measured} vs {claimed}; {rule}: {why}.")

@@ -1,0 +1,144 @@
+"""The ledger and `repro check`: grades re-derive from measurements; hand edits, stale tests, silent
+grade changes and stale scoreboards are caught."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import git_commit
+
+from repro_utils import ledger, scoreboard
+from repro_utils.check import check
+from repro_utils.claims import load_chapter
+from repro_utils.run import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_ledger(course: Path, mean: float = 0.5003, needs_gpu: float | None = 1.8) -> Path:
+    """A ledger as a gpu run of the self-test chapter writes it (built with the same Run API)."""
+    ch = load_chapter(course / "chapters" / "00_selftest")
+    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
+              started="2026-11-24T12:00:00+00:00", t0=time.time())
+    run.record("uniform-mean", mean, setting="n=1000000, torch")
+    if needs_gpu is not None:
+        run.record("needs-gpu", needs_gpu, setting="H100")
+    path = course / "results" / "gpu" / "00_selftest.json"
+    ledger.write(path, run.to_dict())
+    scoreboard.write(course)
+    return path
+
+
+def test_a_consistent_course_passes(course):
+    gpu_ledger(course)
+    assert check(course) == []
+
+
+def test_the_committed_course_passes_repro_check():
+    assert check(ROOT) == []
+
+
+def test_a_hand_edited_grade_is_caught(course):
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    data["claims"][1]["grade"] = "Reproduced"  # 1.8x ≥ 1.5x is Reproduced already; make it lie the other way
+    data["claims"][0]["grade"] = "Reproduced"  # reduced scale cannot be Reproduced
+    path.write_text(json.dumps(data))
+    problems = check(course)
+    assert any("'uniform-mean'" in p and "stored grade 'Reproduced'" in p for p in problems), problems
+
+
+def test_a_hand_edited_measurement_is_caught(course):
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    data["claims"][1]["measured"]["value"] = 1.0  # below 1.5: no longer Reproduced
+    path.write_text(json.dumps(data))
+    assert any("'needs-gpu'" in p and "grades 'Not reproduced'" in p for p in check(course))
+
+
+def test_a_ledger_that_breaks_the_schema_is_caught(course):
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    del data["fingerprint"]["device"]
+    path.write_text(json.dumps(data))
+    assert any("fingerprint" in p and "device" in p for p in check(course))
+
+
+def test_a_test_loosened_after_the_run_is_caught(course):
+    gpu_ledger(course)
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text().replace("holds_if: {at_least: 1.5}", "holds_if: {at_least: 1.0}"))
+    assert any("changed its test since the run" in p for p in check(course))
+
+
+def test_a_grade_change_between_commits_needs_a_dated_correction(course):
+    gpu_ledger(course, needs_gpu=1.8)
+    git_commit(course, "first gpu run")
+    gpu_ledger(course, needs_gpu=1.2)  # Reproduced -> Not reproduced
+    git_commit(course, "second gpu run")
+    problems = check(course)
+    assert any("'needs-gpu' went from 'Reproduced' to 'Not reproduced'" in p for p in problems), problems
+    corr = course / "book" / "corrections.md"
+    corr.write_text(corr.read_text() + "\n- 2026-11-25 · 00_selftest / needs-gpu · Reproduced → Not reproduced · rerun\n")
+    assert check(course) == []
+
+
+def test_an_uncommitted_grade_change_needs_one_too(course):
+    gpu_ledger(course, needs_gpu=1.8)
+    git_commit(course, "first gpu run")
+    gpu_ledger(course, needs_gpu=None)  # now Unverified, not yet committed
+    assert any("'needs-gpu'" in p and "working tree" in p for p in check(course))
+
+
+def test_a_stale_scoreboard_is_caught(course):
+    gpu_ledger(course)
+    (course / "book" / "scoreboard.md").write_text("# Scoreboard\n")
+    assert check(course) == ["book/scoreboard.md is out of date: run `repro scoreboard`"]
+
+
+def test_committed_outputs_from_a_smoke_run_are_caught(course, tmp_path):
+    gpu_ledger(course)
+    nb_path = course / "chapters" / "00_selftest" / "00_selftest.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="hello")]
+    nb.metadata["papermill"] = {"parameters": {"profile": "smoke"}}
+    nbformat.write(nb, nb_path)
+    assert any("committed outputs come from a 'smoke' run" in p for p in check(course))
+
+
+def test_a_notebook_whose_parameters_differ_from_claims_is_caught(course):
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text().replace("  method:\n", "  meth:\n"))
+    assert any("parameters cell assigns" in p for p in check(course))
+
+
+def test_a_claim_added_after_the_run_needs_a_rerun(course):
+    gpu_ledger(course)
+    src = course / "chapters" / "00_selftest" / "claims.yaml"
+    text = src.read_text() + """  - id: added-later
+    claim: A claim declared after the run happened.
+    source: {paper: "x", where: "y"}
+    metric: m
+    unit: x
+    claimed: {value: 1, setting: s}
+    holds_if: {at_least: 1}
+    profiles: {gpu: own}
+"""
+    src.write_text(text)
+    assert any("'added-later' is declared but the run did not grade it" in p for p in check(course))
+
+
+@pytest.fixture
+def no_git(course):
+    shutil.rmtree(course / ".git")
+    return course
+
+
+def test_check_works_without_git_history(no_git):
+    gpu_ledger(no_git)
+    assert check(no_git) == []
