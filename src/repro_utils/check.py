@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 
 from repro_utils import ledger, scoreboard
-from repro_utils.claims import ClaimsError, load_chapter
+from repro_utils.claims import Claim, ClaimsError, load_chapter
 from repro_utils.profiles import COMMON
 
 
@@ -148,8 +148,6 @@ def check(root: str | Path) -> list[str]:
             if claim.id not in stored:
                 problems.append(f"{rel}: claim {claim.id!r} is declared but the run did not grade it: rerun")
                 continue
-            from repro_utils.claims import Claim
-
             then = Claim.from_dict(stored[claim.id]["declared"]).grading_view()
             if then != claim.grading_view():
                 problems.append(f"{rel}: claim {claim.id!r}: claims.yaml changed its test since the run "
