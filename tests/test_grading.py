@@ -126,7 +126,7 @@ def test_measurement_that_declares_itself_reduced_cannot_be_graded_reproduced():
 def test_several_seeds_grade_their_mean_and_report_the_spread():
     g = grade(claim(), m(None, values=[9.0, 11.0, 13.0], seeds=[0, 1, 2]), "gpu")
     assert g.rung == REPRODUCED  # mean 11 ≥ 10
-    assert "11 ± 2x" in g.reason and "3 runs" in g.reason
+    assert "11 ± 2x, mean ± sd of 3 runs" in g.reason
     assert grade(claim(), m(None, values=[8.0, 9.0, 12.0]), "gpu").rung == PARTIAL  # mean 9.67 < 10
 
 

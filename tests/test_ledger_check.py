@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from unittest import mock
 from pathlib import Path
 
 import nbformat
@@ -20,14 +21,15 @@ from repro_utils.run import Run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gpu_ledger(course: Path, mean: float = 0.5003, needs_gpu: float | None = 1.8) -> Path:
+def gpu_ledger(course: Path, mean: float = 0.5003, needs_gpu: float | None = 1.8, on_reference_gpu: bool = True) -> Path:
     """A ledger as a gpu run of the self-test chapter writes it (built with the same Run API)."""
     ch = load_chapter(course / "chapters" / "00_selftest")
     run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
               started="2026-11-24T12:00:00+00:00", t0=time.time())
-    run.record("uniform-mean", mean, setting="n=1000000, torch")
-    if needs_gpu is not None:
-        run.record("needs-gpu", needs_gpu, setting="H100")
+    with mock.patch("repro_utils.run.reference_gpu", return_value=on_reference_gpu):
+        run.record("uniform-mean", mean, setting="n=1000000, torch")
+        if needs_gpu is not None:
+            run.record("needs-gpu", needs_gpu, setting="H100")
     path = course / "results" / "gpu" / "00_selftest.json"
     ledger.write(path, run.to_dict())
     scoreboard.write(course)
@@ -84,7 +86,7 @@ def test_a_grade_change_between_commits_needs_a_dated_correction(course):
     problems = check(course)
     assert any("'needs-gpu' went from 'Reproduced' to 'Not reproduced'" in p for p in problems), problems
     corr = course / "book" / "corrections.md"
-    corr.write_text(corr.read_text() + "\n- 2026-11-25 · 00_selftest / needs-gpu · Reproduced → Not reproduced · rerun\n")
+    corr.write_text(corr.read_text() + "\n## Log\n- 2026-11-25 · 00_selftest / needs-gpu · Reproduced → Not reproduced · rerun\n")
     assert check(course) == []
 
 
@@ -142,3 +144,11 @@ def no_git(course):
 def test_check_works_without_git_history(no_git):
     gpu_ledger(no_git)
     assert check(no_git) == []
+
+
+def test_a_gpu_run_off_the_reference_gpu_is_graded_at_reduced_scale(course):
+    data = json.loads(gpu_ledger(course, needs_gpu=1.8, on_reference_gpu=False).read_text())
+    entry = data["claims"][1]
+    assert entry["grade"] == "Reproduced at reduced scale"  # 1.8x passes, but not on an H100/H200
+    assert entry["measured"]["scale"] == "reduced" and "reference" in entry["measured"]["note"]
+    assert check(course) == []

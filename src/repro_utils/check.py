@@ -104,14 +104,17 @@ def grade_changes(root: Path, rel: str) -> list[tuple[str, str, str, str, str]]:
 def check_corrections(root: Path) -> list[str]:
     corrections = root / "book" / "corrections.md"
     lines = corrections.read_text().splitlines() if corrections.is_file() else []
+    log = lines[next((i for i, ln in enumerate(lines) if ln.strip() == "## Log"), len(lines)):]
     problems = []
     for f in sorted((root / "results").glob("*/*.json")):
         rel = str(f.relative_to(root))
         for chapter, cid, old, new, label in grade_changes(root, rel):
-            ok = any(DATED.search(ln) and chapter in ln and cid in ln and new in ln for ln in lines)
+            change = f"{old} → {new}"
+            ok = any(DATED.search(ln) and f"{chapter} / {cid}" in ln and change in ln for ln in log)
             if not ok:
                 problems.append(f"{rel}: claim {cid!r} went from {old!r} to {new!r} ({label}) with no dated line "
-                                f"in book/corrections.md naming {chapter}, {cid} and {new!r}")
+                                f"under '## Log' in book/corrections.md like "
+                                f"'- YYYY-MM-DD · {chapter} / {cid} · {change} · why'")
     return problems
 
 

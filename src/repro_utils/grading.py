@@ -149,9 +149,9 @@ def passes(test: dict[str, Any], value: Any) -> bool:
 
 def describe_measurement(m: Measurement, unit: str) -> str:
     if m.spread is not None:
-        core = f"{fmt(m.value)} ± {fmt(m.spread)}"
+        core = f"{fmt(m.value)} ± {m.spread:.2g}"
         core = f"{core}{unit}" if unit in ("x", "×", "%") else f"{core} {unit}".rstrip()
-        return f"{core} (mean ± sd over {len(m.values)} runs)"
+        return f"{core}, mean ± sd of {len(m.values)} runs"
     return _with_unit(m.value, unit)
 
 

@@ -41,7 +41,7 @@ def git_commit(cwd: str | Path | None = None) -> tuple[str, bool | None]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=cwd,
                                     capture_output=True, text=True, check=True).stdout.strip())
         return head, dirty
     except (OSError, subprocess.CalledProcessError):
@@ -72,6 +72,7 @@ def fingerprint(*, started: str, wall_seconds: float, seed: int) -> dict[str, An
         "started": started,
         "wall_seconds": round(wall_seconds, 2),
         "seed": seed,
+        "data": f"REPRO_DATA_DIR={os.environ['REPRO_DATA_DIR']}" if os.environ.get("REPRO_DATA_DIR") else "network (hub)",
         "packages": {p: v for p in ("transformers", "trl", "peft", "accelerate", "datasets", "numpy")
                      if (v := _version(p))},
     }

@@ -40,6 +40,16 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def reference_gpu() -> bool:
+    """Whether this machine's GPU is the course's reference hardware (an H100 or H200)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available() and any(k in torch.cuda.get_device_name(0) for k in ("H100", "H200"))
+    except ImportError:
+        return False
+
+
 def out_dir(profile: str) -> Path:
     """Where a run writes its ledger: $REPRO_OUT (set by ``repro run``), else _build/runs/<profile>.
 
@@ -94,6 +104,9 @@ class Run:
                note: str | None = None, details: dict[str, Any] | None = None) -> Grade:
         """Record what was measured for one claim; returns (and prints) its grade."""
         claim = self.chapter.claim(claim_id)
+        if scale is None and self.profile in ("gpu", "full") and not reference_gpu():
+            scale = "reduced"  # the course's gpu/full settings assume an H100-class GPU; elsewhere, never Reproduced
+            note = ((note + " ") if note else "") + "Run on a GPU other than the course's reference (H100/H200)."
         m = Measurement(setting=setting, value=value, unit=claim.unit, values=tuple(values or ()),
                         seeds=tuple(int(s) for s in (seeds or ())), scale=scale, note=note,
                         details=dict(details or {}))
@@ -142,7 +155,7 @@ def card(data: dict[str, Any]) -> str:
     rows = ["| claim | source | claimed | measured | grade |", "|---|---|---|---|---|"]
     for c in data["claims"]:
         d, m = c["declared"], c["measured"]
-        src = d["source"].get("paper") or d["source"].get("repo")
+        src = d["source"].get("paper") or (d["source"]["repo"] + (f" `{d['source']['file']}`" if "file" in d["source"] else ""))
         claimed = f"{_with_unit(d['claimed']['value'], d['unit'])} — {d['claimed']['setting']}"
         if m is None or m.get("why_untested"):
             measured = "not measured" + (f": {m['why_untested']}" if m else "")
