@@ -1,0 +1,609 @@
+"""Mixture-of-experts routing: the code studied in Chapter 05.
+
+A small GPT whose feed-forward layer is either dense or a mixture of experts (MoE), bottom-up:
+
+    route            softmax router, top-k, optional selection-only bias     (Switch eq. 1-2; Wang et al. eq. 3)
+    switch_aux_loss  the load-balancing loss                                  (Switch eq. 4-6)
+    dispatch         sort assignments by expert, apply the capacity          (Switch eq. 3)
+    experts_grouped  one grouped matmul per projection (torch._grouped_mm)
+    combine          un-permute, weight by the gate, sum a token's k outputs  (Switch eq. 2)
+    experts_loop     the reference: a Python loop over experts
+    MoE / MLP / GPT  the model;  MoE.update_bias is Algorithm 1 of Wang et al. (2024)
+    train / evaluate the experiments;  bench_layer the systems bill
+
+References: Fedus, Zoph & Shazeer 2021, "Switch Transformers" (JMLR 2022); Lepikhin et al. 2020, "GShard";
+Dai et al. 2024, "DeepSeekMoE"; Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for MoE".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------- the router
+
+
+@dataclass
+class Routing:
+    top_idx: torch.Tensor  # (N, k) int64: the chosen experts of each token, best first
+    gates: torch.Tensor  # (N, k): the scores s_i of the chosen experts (the bias never enters a gate)
+    scores: torch.Tensor  # (N, E): softmax probabilities p_i(x), or sigmoid affinities, in the router's dtype
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, *, gate: str = "softmax",
+          bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Routing:
+    """Top-k router. ``gate``: "softmax" (Switch, GShard, DeepSeekMoE) or "sigmoid" (the gate of Wang et
+    al.'s main experiments). ``dtype`` is the router's precision: Switch §2.4 keeps it float32 ("selective
+    precision") inside a bfloat16 model; bfloat16 here means logits, scores and selection in bfloat16.
+    ``bias`` (aux-loss-free balancing) steers the selection only."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.to(dtype), weight.to(dtype))  # (N, E): h(x) = W_r x
+        scores = logits.softmax(dim=-1) if gate == "softmax" else logits.sigmoid()  # Switch eq. 1
+        pick = scores if bias is None else scores.float() + bias  # Wang et al. eq. 3: s_i + b_i selects ...
+        top_idx = pick.topk(top_k, dim=-1).indices  # (N, k)
+        gates = scores.gather(-1, top_idx)  # ... but the gate stays s_i (no bias, no renormalisation)
+    return Routing(top_idx, gates, scores)
+
+
+def switch_aux_loss(scores: torch.Tensor, top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Switch eq. 4-6 without its coefficient: N · Σ_i f_i · P_i.
+
+    f_i is the fraction of the N·k assignments that went to expert i (hard counts: no gradient),
+    P_i the mean router score of expert i (differentiable). For a softmax router, uniform routing gives 1.
+    With f_i scaled by N/k instead, it is the loss of Wang et al. eq. 2 (the same function).
+    """
+    n_tokens, k = top_idx.shape
+    f = torch.bincount(top_idx.flatten(), minlength=n_experts).float() / (n_tokens * k)  # eq. 5
+    P = scores.float().mean(dim=0)  # eq. 6
+    return n_experts * (f * P).sum()  # eq. 4 / α
+
+
+def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Switch eq. 3 (with GShard's k assignments per token): ceil(k · tokens / experts · factor)."""
+    return math.ceil(top_k * n_tokens / n_experts * capacity_factor)
+
+
+# ------------------------------------------------------------------------- dispatch, experts, combine
+
+
+@dataclass
+class Dispatch:
+    slot: torch.Tensor  # (M,) kept assignments as indices into the choice-major list (k, N).flatten()
+    token: torch.Tensor  # (M,) the token of each kept assignment; grouped by expert, in slot order
+    offsets: torch.Tensor  # (E,) int32 cumulative kept counts: expert e owns rows offsets[e-1]:offsets[e]
+    counts: torch.Tensor  # (E,) int64 assignments per expert before the capacity cut (the load)
+    n_dropped: torch.Tensor  # () int64 assignments over capacity: not computed, the residual carries them
+
+
+def dispatch(top_idx: torch.Tensor, n_experts: int, cap: int | None = None) -> Dispatch:
+    """Group the N·k (token, expert) assignments by expert; keep at most ``cap`` per expert.
+
+    Assignments are listed choice-major (every token's first choice, then every second choice), and the
+    sort is stable, so within an expert first choices come before second choices and earlier tokens before
+    later ones: that order decides who is dropped when an expert is over capacity (as in GShard).
+    """
+    n_tokens = top_idx.shape[0]
+    flat = top_idx.t().reshape(-1)  # (k*N,) expert of slot s = choice * N + token
+    order = torch.sort(flat, stable=True).indices  # slots grouped by expert
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    kept = counts
+    if cap is not None:
+        kept = counts.clamp(max=cap)
+        first = torch.cumsum(counts, 0) - counts  # row where each expert's block starts in `order`
+        rank = torch.arange(order.numel(), device=order.device) - first[flat[order]]  # place in its block
+        order = order[rank < cap]  # over capacity: dropped (boolean indexing: one host sync)
+    return Dispatch(slot=order, token=order % n_tokens, offsets=torch.cumsum(kept, 0).to(torch.int32),
+                    counts=counts, n_dropped=(counts - kept).sum())
+
+
+def _grouped_mm_works_on_cpu() -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:  # torch >= 2.9 has a CPU kernel; check forward and backward once
+        a = torch.randn(4, 8, requires_grad=True)
+        b = torch.randn(2, 8, 8, requires_grad=True)
+        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32))
+        out.backward(torch.ones_like(out))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+_CPU_GROUPED_MM = _grouped_mm_works_on_cpu()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, d_in) rows grouped by expert  ×  (E, d_in, d_out) weights  →  (M, d_out).
+
+    Rows offsets[e-1]:offsets[e] are multiplied by w[e]; on the GPU this is one kernel
+    (``torch._grouped_mm``, bf16, CUTLASS grouped GEMM). Fallback: one ``mm`` per expert.
+    """
+    if hasattr(torch, "_grouped_mm") and (x.is_cuda or _CPU_GROUPED_MM) and x.dtype != torch.float64:
+        return torch._grouped_mm(x, w, offs=offsets)
+    ends = offsets.tolist()  # one host sync, then one mm per non-empty group
+    starts = [0] + ends[:-1]
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))], dim=0)
+
+
+def experts_grouped(x: torch.Tensor, d: Dispatch, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every expert's FFN, gelu(x W1_e) W2_e, on its rows: gather, then two grouped matmuls."""
+    dtype = torch.bfloat16 if x.is_cuda else x.dtype  # torch._grouped_mm on CUDA wants bf16
+    xs = x[d.token].to(dtype)  # (M, d): a copy of each token per kept assignment, grouped by expert
+    h = F.gelu(grouped_mm(xs, w1.to(dtype), d.offsets))  # (M, H)
+    return grouped_mm(h, w2.to(dtype), d.offsets)  # (M, d)
+
+
+def combine(y: torch.Tensor, d: Dispatch, gates: torch.Tensor) -> torch.Tensor:
+    """Switch eq. 2, y = Σ_{i∈T} p_i(x) E_i(x): put each expert output back in its slot, weighted by its
+    gate, then sum the k slots of every token. A dropped slot stays zero (the residual carries the token)."""
+    k, n_tokens = gates.shape[1], gates.shape[0]
+    w = gates.t().reshape(-1)[d.slot].to(y.dtype)  # (M,) gate of each kept assignment
+    slots = y.new_zeros(k * n_tokens, y.shape[1]).index_copy(0, d.slot, y * w[:, None])  # each slot once
+    return slots.view(k, n_tokens, -1).sum(dim=0)  # (N, d)
+
+
+def experts_loop(x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
+                 w2: torch.Tensor) -> torch.Tensor:
+    """The reference MoE FFN (dropless): a Python loop over experts, one small matmul pair each.
+    ``torch.where`` must know how many tokens chose expert e: a host sync per expert."""
+    acc = torch.promote_types(x.dtype, torch.float32)  # accumulate in at least fp32
+    out = torch.zeros(x.shape, device=x.device, dtype=acc)
+    for e in range(w1.shape[0]):
+        tok, choice = torch.where(top_idx == e)
+        if tok.numel() == 0:
+            continue
+        h = F.gelu(x[tok] @ w1[e]) @ w2[e]  # (n_e, d)
+        out.index_add_(0, tok, (h * gates[tok, choice, None]).to(acc))
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 padded to a multiple of 64
+    seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    ffn: str = "dense"  # "dense" | "moe"
+    d_ff: int = 1024  # dense FFN width
+    n_experts: int = 8
+    top_k: int = 1
+    gate: str = "softmax"  # "softmax" | "sigmoid"
+    d_expert: int = 1024  # width of one routed expert (top-1 with d_expert = d_ff: same active FLOPs as dense)
+    n_shared: int = 0  # always-on shared experts of width d_expert (DeepSeekMoE §3.2)
+    balance: str = "aux"  # "aux" (Switch loss) | "none" | "bias" (aux-loss-free, Wang et al.)
+    aux_alpha: float = 1e-2  # Switch §2.2
+    bias_rate: float = 1e-3  # u of Wang et al. Algorithm 1
+    router_dtype: str = "fp32"  # "fp32" (Switch's selective precision) | "bf16"
+    capacity_factor: float | None = None  # None: dropless
+    dispatch: str = "grouped"  # "grouped" | "loop"
+
+    def __post_init__(self):
+        checks = {"ffn": ("dense", "moe"), "gate": ("softmax", "sigmoid"), "balance": ("aux", "none", "bias"),
+                  "router_dtype": ("fp32", "bf16"), "dispatch": ("grouped", "loop")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"GPTConfig.top_k={self.top_k}: need 1 <= top_k <= n_experts={self.n_experts}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"GPTConfig.capacity_factor={self.capacity_factor}: must be > 0 (or None)")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_hidden: int, n_layer: int):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_model, bias=False)
+        nn.init.normal_(self.fc.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * n_layer))  # GPT-2's residual scaling
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class MoE(nn.Module):
+    """The MoE feed-forward layer: route, dispatch, run the experts, combine (+ shared experts)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        E, d, H = cfg.n_experts, cfg.d_model, cfg.d_expert
+        self.cfg = cfg
+        self.router = nn.Parameter(torch.randn(E, d) * 0.02)  # W_r
+        self.register_buffer("bias", torch.zeros(E))  # b_i: selection bias, updated by rule, not by gradient
+        self.w1 = nn.Parameter(torch.randn(E, d, H) * 0.02)  # (E, d, H)
+        self.w2 = nn.Parameter(torch.randn(E, H, d) * 0.02 / math.sqrt(2 * cfg.n_layer))  # (E, H, d)
+        self.shared = MLP(d, cfg.n_shared * H, cfg.n_layer) if cfg.n_shared else None
+        self.capacity_factor = cfg.capacity_factor  # may be changed after training, for evaluation
+        self.aux = self.counts = self.n_dropped = None  # set by forward
+
+    def forward(self, x):
+        B, T, d = x.shape
+        cfg, xf = self.cfg, x.reshape(-1, d)  # (N, d)
+        dtype = torch.float32 if cfg.router_dtype == "fp32" else torch.bfloat16
+        r = route(xf, self.router, cfg.top_k, gate=cfg.gate, bias=self.bias if cfg.balance == "bias" else None,
+                  dtype=dtype)
+        if cfg.dispatch == "loop":
+            y = experts_loop(xf, r.top_idx, r.gates, self.w1, self.w2)
+            self.counts = torch.bincount(r.top_idx.flatten(), minlength=cfg.n_experts)
+            self.n_dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        else:
+            cap = None if self.capacity_factor is None else capacity(len(xf), cfg.n_experts, cfg.top_k,
+                                                                       self.capacity_factor)
+            disp = dispatch(r.top_idx, cfg.n_experts, cap)
+            y = combine(experts_grouped(xf, disp, self.w1, self.w2), disp, r.gates)
+            self.counts, self.n_dropped = disp.counts, disp.n_dropped
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        self.aux = switch_aux_loss(r.scores, r.top_idx, cfg.n_experts) if cfg.balance == "aux" else None
+        return y.view(B, T, d)
+
+    @torch.no_grad()
+    def update_bias(self):
+        """Wang et al. Algorithm 1, after each training step: e_i = mean(c) - c_i, b_i += u · sign(e_i)."""
+        c = self.counts.float()
+        self.bias += self.cfg.bias_rate * torch.sign(c.mean() - c)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.d_model, cfg.d_ff, cfg.n_layer)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, idx, targets):
+        """Returns (cross-entropy, α · Σ_layers aux loss) for (B, T) token ids and targets."""
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings; (B, T, V)
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))  # fp32 under autocast
+        aux = [m.aux for m in self.moe_layers() if m.aux is not None]
+        return ce, (self.cfg.aux_alpha * torch.stack(aux).sum() if aux else torch.zeros((), device=ce.device))
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """Total parameters, and parameters active per token (embeddings excluded from both)."""
+    cfg = model.cfg
+    body = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("wte", "wpe")))
+    active = body
+    for m in model.moe_layers():
+        active -= m.w1.numel() + m.w2.numel()
+        active += cfg.top_k * (m.w1[0].numel() + m.w2[0].numel())
+    return {"total": body, "active": active}
+
+
+# --------------------------------------------------------------------------------- data and metrics
+
+
+class Corpus:
+    """Training tokens on the device (random windows), and fixed validation batches."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, batch_size: int, eval_batches: int,
+                 device):
+        self.train = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
+        self.seq_len, self.batch_size, self.device = seq_len, batch_size, device
+        v = torch.from_numpy(np.asarray(val, dtype=np.int64))
+        n_win = min(eval_batches * batch_size, (len(v) - 1) // seq_len)
+        if n_win < 1:
+            raise ValueError(f"{len(v)} validation tokens cannot fill one window of {seq_len}")
+        idx = torch.arange(n_win)[:, None] * seq_len + torch.arange(seq_len + 1)[None]  # consecutive windows
+        w = v[idx].to(device)
+        self.val = [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, n_win, batch_size)]
+
+    def sampler(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        ar = torch.arange(self.seq_len + 1, device=self.device)
+
+        def next_batch():
+            starts = torch.randint(0, len(self.train) - self.seq_len - 1, (self.batch_size,), generator=gen)
+            chunk = self.train[starts.to(self.device)[:, None] + ar]
+            return chunk[:, :-1], chunk[:, 1:]
+
+        return next_batch
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """Wang et al. eq. 4, MaxVio = (max_i load_i - mean load) / mean load, averaged over layers (rows)."""
+    c = counts.double().reshape(-1, counts.shape[-1])
+    mean = c.mean(dim=1)
+    return float(((c.max(dim=1).values - mean) / mean).mean())
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None) -> dict:
+    """Validation loss, per-layer expert loads summed over the validation set, dropped assignments."""
+    model.eval()
+    moe = model.moe_layers()
+    for m in moe:
+        m.capacity_factor = capacity_factor
+    losses, counts, dropped = [], 0, 0
+    for x, y in corpus.val:
+        with _autocast(corpus.device):
+            ce, _ = model(x, y)
+        losses.append(ce)
+        if moe:
+            counts = counts + torch.stack([m.counts for m in moe])
+            dropped = dropped + torch.stack([m.n_dropped for m in moe]).sum()
+    for m in moe:
+        m.capacity_factor = model.cfg.capacity_factor
+    model.train()
+    out = {"loss": float(torch.stack(losses).mean())}
+    if moe:
+        out["counts"] = counts.cpu()  # (L, E)
+        out["maxvio_global"] = max_violation(out["counts"])
+        out["dropped_frac"] = float(dropped) / float(counts.sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class TrainResult:
+    name: str
+    cfg: GPTConfig
+    seed: int
+    tokens: list[int] = field(default_factory=list)  # tokens seen at each evaluation
+    val_loss: list[float] = field(default_factory=list)
+    load: np.ndarray | None = None  # (steps, L, E) tokens per expert of each training batch
+    final: dict = field(default_factory=dict)  # the last evaluation (loss, counts, maxvio_global, ...)
+    seconds: float = 0.0  # training time, evaluations excluded
+    tokens_per_s: float = 0.0
+    diverged: bool = False
+    params: dict = field(default_factory=dict)
+    model: GPT | None = None
+
+    def maxvio_batch(self) -> np.ndarray:
+        """MaxVio of every training batch (Wang et al. MaxVio_batch), averaged over layers: (steps,)."""
+        mean = self.load.mean(axis=-1)
+        return ((self.load.max(axis=-1) - mean) / mean).mean(axis=-1)
+
+    def summary(self) -> dict:
+        """A JSON-serialisable record of the run (no model, no per-step loads)."""
+        out = {"name": self.name, "seed": self.seed, "tokens": self.tokens, "val_loss": self.val_loss,
+               "final_loss": self.final["loss"], "seconds": round(self.seconds, 2),
+               "tokens_per_s": round(self.tokens_per_s), "diverged": self.diverged, "params": self.params,
+               "config": {k: v for k, v in self.cfg.__dict__.items()}}
+        if "counts" in self.final:
+            out["maxvio_global"] = self.final["maxvio_global"]
+            out["val_counts"] = self.final["counts"].tolist()
+        return out
+
+
+def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, seed: int, warmup: int = 50,
+          eval_every: int = 25, weight_decay: float = 0.1, keep_model: bool = False, progress=None) -> TrainResult:
+    """AdamW, linear warm-up then a constant learning rate (so that loss-vs-tokens curves of different
+    models can be compared at any point), bf16 autocast on the GPU, gradient clipping at 1."""
+    device = corpus.device
+    torch.manual_seed(seed)  # same seed, same initial weights for the same architecture
+    model = GPT(cfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                            fused=torch.device(device).type == "cuda")
+    next_batch = corpus.sampler(seed)
+    res = TrainResult(name, cfg, seed, params=param_counts(model))
+    moe, loads = model.moe_layers(), []
+    tokens_per_step = corpus.batch_size * corpus.seq_len
+    train_time = 0.0
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            ev = evaluate(model, corpus)
+            res.tokens.append(step * tokens_per_step)
+            res.val_loss.append(ev["loss"])
+            res.final = ev
+            if not math.isfinite(ev["loss"]):
+                res.diverged = True
+                break
+        if step == steps:
+            break
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        x, y = next_batch()
+        with _autocast(device):
+            ce, aux = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        (ce + aux).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if moe:
+            if cfg.balance == "bias":
+                for m in moe:
+                    m.update_bias()
+            loads.append(torch.stack([m.counts for m in moe]))  # stays on the device: no sync per step
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+    res.seconds = train_time
+    res.tokens_per_s = (len(loads) if moe else steps) * tokens_per_step / max(train_time, 1e-9)
+    if loads:
+        res.load = torch.stack(loads).cpu().numpy()
+    if keep_model:
+        res.model = model
+    return res
+
+
+def tokens_to_target(tokens: list[int], losses: list[float], target: float) -> float | None:
+    """Tokens at which a validation curve first reaches ``target`` (linear interpolation); None if never."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return float(tokens[0])
+            t0, t1, l0, l1 = tokens[i - 1], tokens[i], losses[i - 1], loss
+            return t0 + (l0 - target) / (l0 - l1) * (t1 - t0)
+    return None
+
+
+def spearman(x, y) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort()
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for val in np.unique(v):  # average the ranks of ties
+            r[v == val] = r[v == val].mean()
+        return r
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+@torch.no_grad()
+def routing_flip_rate(model: GPT, corpus: Corpus) -> float:
+    """Fraction of first-choice decisions that change when the router of an fp32-router model is
+    recomputed in bf16, on the validation set (the mechanism behind Switch §2.4)."""
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0]))) for m in model.moe_layers()]
+    flips = total = 0
+    try:
+        model.eval()
+        for x, y in corpus.val:
+            inputs.clear()
+            with _autocast(corpus.device):
+                model(x, y)
+            for m, h in inputs:
+                h = h.reshape(-1, h.shape[-1])
+                a = route(h, m.router, 1, gate=m.cfg.gate, dtype=torch.float32).top_idx
+                b = route(h, m.router, 1, gate=m.cfg.gate, dtype=torch.bfloat16).top_idx
+                flips += int((a != b).sum())
+                total += a.numel()
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train()
+    return flips / max(total, 1)
+
+
+# --------------------------------------------------------------------------------------- systems bill
+
+
+def forced_routing(n_tokens: int, n_experts: int, top_k: int, kind: str, device, seed: int = 0) -> Routing:
+    """Routing decisions made up for timing. ``balanced``: every expert gets exactly N·k/E assignments.
+    ``skewed``: every token's first choice is expert 0 (half of all assignments for k = 2: MaxVio = E/2 - 1),
+    the other choices spread evenly over the remaining experts."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(n_tokens)
+    if kind == "balanced":
+        top_idx = torch.stack([(t * top_k + c) % n_experts for c in range(top_k)], dim=1)
+    elif kind == "skewed":
+        cols = [torch.zeros(n_tokens, dtype=torch.long)]
+        cols += [1 + (t * (top_k - 1) + c) % (n_experts - 1) for c in range(top_k - 1)]
+        top_idx = torch.stack(cols, dim=1)
+    else:
+        raise ValueError(f"forced_routing kind={kind!r}: expected 'balanced' or 'skewed'")
+    top_idx = top_idx[torch.randperm(n_tokens, generator=g)]
+    gates = torch.rand(n_tokens, top_k, generator=g)
+    return Routing(top_idx.to(device), gates.to(device), torch.empty(0, device=device))
+
+
+def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
+                time_fn, seed: int = 0) -> dict:
+    """Time one FFN layer, forward and forward+backward, bf16 on the GPU (fp32 on the CPU):
+    the grouped MoE layer and the loop MoE layer (both with their fp32 router), and a dense FFN of
+    width k·d_expert (the same active parameters). Also the expert part alone under balanced and
+    skewed routing. Returns milliseconds (medians of ``time_fn``) and tokens/s."""
+    torch.manual_seed(seed)
+    dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    def p(*shape, std=0.02):
+        return (torch.randn(*shape, device=device) * std).to(dt).requires_grad_()
+
+    x = (torch.randn(n_tokens, d_model, device=device)).to(dt).requires_grad_()
+    router = (torch.randn(n_experts, d_model, device=device) * 0.02).requires_grad_()
+    w1, w2 = p(n_experts, d_model, d_expert), p(n_experts, d_expert, d_model)
+    dense1, dense2 = p(d_model, top_k * d_expert), p(top_k * d_expert, d_model)
+    dy = torch.randn(n_tokens, d_model, device=device).to(dt)
+
+    def grouped(r=None):
+        r = route(x, router, top_k) if r is None else r
+        d = dispatch(r.top_idx, n_experts)
+        return combine(experts_grouped(x, d, w1, w2), d, r.gates)
+
+    def loop(r=None):
+        r = route(x, router, top_k) if r is None else r
+        return experts_loop(x, r.top_idx, r.gates.to(dt), w1, w2)
+
+    def dense():
+        return F.gelu(x @ dense1) @ dense2
+
+    def fwd_bwd(f, params):
+        def run():
+            out = f()
+            torch.autograd.grad(out, params, dy)
+        return run
+
+    moe_params = [x, router, w1, w2]
+    timings = {}
+    for name, f, params in [("grouped", grouped, moe_params), ("loop", loop, moe_params),
+                            ("dense", dense, [x, dense1, dense2])]:
+        timings[f"{name}_fwd"] = time_fn(lambda f=f: f()).ms
+        timings[f"{name}_fwdbwd"] = time_fn(fwd_bwd(f, params)).ms
+    for kind in ("balanced", "skewed"):
+        r = forced_routing(n_tokens, n_experts, top_k, kind, device, seed)
+        r.gates = r.gates.to(dt)
+        timings[f"grouped_{kind}_fwd"] = time_fn(lambda r=r: grouped(r)).ms
+        timings[f"loop_{kind}_fwd"] = time_fn(lambda r=r: loop(r)).ms
+        timings[f"maxvio_{kind}"] = max_violation(torch.bincount(r.top_idx.flatten(), minlength=n_experts).cpu())
+    return {"ms": timings, "tokens_per_s": {k: n_tokens / (v / 1e3) for k, v in timings.items()
+                                            if not k.startswith("maxvio")}}

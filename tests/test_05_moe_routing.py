@@ -1,0 +1,221 @@
+"""Chapter 05 (MoE routing): the aux loss, dispatch/combine, the bias rule, the layer, the parameters.
+
+CPU only, seeded, seconds. The smoke execution of the notebook is covered by tests/test_chapters.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repro_utils.claims import load_chapter
+from repro_utils.profiles import ParameterError, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "chapters" / "05_moe_routing"
+sys.path.insert(0, str(FOLDER))
+
+import moe_routing as moe  # noqa: E402
+
+
+def random_top_k(n_tokens, n_experts, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(n_tokens)])
+
+
+# ------------------------------------------------------------------------------------------ aux loss
+
+
+def test_aux_loss_matches_switch_formula_on_a_hand_computed_example():
+    # 4 tokens, 2 experts, top-1: argmax = 0, 0, 1, 0 -> f = (3/4, 1/4); P = mean p = (0.65, 0.35)
+    # Switch eq. 4: N * sum f_i P_i = 2 * (0.75 * 0.65 + 0.25 * 0.35) = 2 * 0.575 = 1.15
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], requires_grad=True)
+    loss = moe.switch_aux_loss(p, p.argmax(dim=1, keepdim=True), 2)
+    assert loss.item() == pytest.approx(1.15, abs=1e-6)  # float32 arithmetic on numbers of 2 decimals
+    loss.backward()
+    # f carries no gradient, so d loss / d p_ti = N * f_i / T: 2 * 0.75 / 4 = 0.375 and 2 * 0.25 / 4 = 0.125
+    assert torch.allclose(p.grad, torch.tensor([[0.375, 0.125]] * 4), atol=1e-7)
+
+
+def test_aux_loss_is_one_under_uniform_routing_and_counts_every_top_k_assignment():
+    E, T = 4, 8  # top-2
+    uniform = torch.full((T, E), 1 / E)
+    top = torch.tensor([[0, 1], [2, 3]] * (T // 2))  # every expert gets T*k/E assignments
+    assert moe.switch_aux_loss(uniform, top, E).item() == pytest.approx(1.0, abs=1e-6)
+    skewed = torch.tensor([[0, 1]] * T)  # experts 0 and 1 get everything: f = (1/2, 1/2, 0, 0)
+    p = torch.tensor([[0.4, 0.4, 0.1, 0.1]] * T)
+    assert moe.switch_aux_loss(p, skewed, E).item() == pytest.approx(4 * (0.5 * 0.4 + 0.5 * 0.4), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- dispatch/combine
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dispatch_then_combine_is_an_exact_permutation_when_dropless(k):
+    N, E = 101, 7
+    top = random_top_k(N, E, k, seed=k)
+    d = moe.dispatch(top, E)
+    assert torch.equal(d.slot.sort().values, torch.arange(k * N))  # every assignment exactly once
+    assert torch.equal(torch.bincount(d.token, minlength=N), torch.full((N,), k))  # each token k times
+    experts_in_order = top.t().reshape(-1)[d.slot]
+    assert torch.all(experts_in_order[1:] >= experts_in_order[:-1])  # grouped by expert
+    assert torch.equal(d.offsets.long(), torch.cumsum(torch.bincount(top.flatten(), minlength=E), 0))
+    assert int(d.n_dropped) == 0
+    x = torch.randn(N, 5, dtype=torch.float64)
+    back = moe.combine(x[d.token], d, torch.ones(N, k, dtype=torch.float64))
+    assert torch.equal(back, k * x)  # identity experts: exact, nothing lost, nothing duplicated
+
+
+def test_capacity_keeps_first_choices_first_and_counts_the_drops():
+    N, E, k, cap = 60, 4, 2, 12
+    top = random_top_k(N, E, k, seed=3)
+    top[:40, 0] = 1  # overload expert 1 with first choices
+    top[:40, 1] = torch.where(top[:40, 1] == 1, torch.tensor(2), top[:40, 1])
+    d = moe.dispatch(top, E, cap)
+    counts = torch.bincount(top.flatten(), minlength=E)
+    assert torch.equal(d.counts, counts)
+    assert int(d.n_dropped) == int((counts - cap).clamp(min=0).sum())
+    assert d.slot.numel() + int(d.n_dropped) == k * N  # kept + dropped = all assignments
+    # reference: per expert, keep the first `cap` slots in choice-major order (first choices, by token)
+    flat = top.t().reshape(-1).tolist()
+    kept_ref = sorted(s for e in range(E) for s in [s for s in range(k * N) if flat[s] == e][:cap])
+    assert sorted(d.slot.tolist()) == kept_ref
+    # a token whose assignments were all dropped comes back as zero: only the residual carries it
+    x = torch.randn(N, 3, dtype=torch.float64)
+    back = moe.combine(x[d.token], d, torch.ones(N, k, dtype=torch.float64))
+    kept_per_token = torch.bincount(d.token, minlength=N).to(torch.float64)
+    assert torch.equal(back, kept_per_token[:, None] * x)
+
+
+def test_capacity_follows_switch_eq_3():
+    assert moe.capacity(n_tokens=1024, n_experts=8, top_k=1, capacity_factor=1.0) == 128
+    assert moe.capacity(1024, 8, 1, 1.25) == 160
+    assert moe.capacity(1024, 8, 2, 1.25) == 320  # k assignments per token
+    assert moe.capacity(1000, 3, 1, 1.0) == 334  # rounded up
+
+
+# ---------------------------------------------------------------------------------- experts and layer
+
+
+def test_grouped_experts_match_the_loop_reference():
+    torch.manual_seed(0)
+    N, d, H, E, k = 96, 16, 24, 6, 2
+    x = torch.randn(N, d, dtype=torch.float64)
+    w1, w2 = torch.randn(E, d, H, dtype=torch.float64), torch.randn(E, H, d, dtype=torch.float64)
+    r = moe.route(x.float(), torch.randn(E, d), k)
+    gates = r.gates.double()
+    ref = moe.experts_loop(x, r.top_idx, gates, w1, w2)
+    disp = moe.dispatch(r.top_idx, E)
+    got = moe.combine(moe.experts_grouped(x, disp, w1, w2), disp, gates)  # float64: the per-expert mm path
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10)  # same products, float64 rounding only
+    got32 = moe.combine(moe.experts_grouped(x.float(), disp, w1.float(), w2.float()), disp, r.gates)
+    # float32 (torch._grouped_mm on the CPU where available): a few float32 ulps of accumulated sums
+    assert torch.allclose(got32.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_grouped_mm_fallback_matches_and_handles_empty_groups(monkeypatch):
+    torch.manual_seed(1)
+    x, w = torch.randn(10, 8), torch.randn(3, 8, 4)
+    offsets = torch.tensor([3, 3, 10], dtype=torch.int32)  # expert 1 gets no rows
+    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
+    monkeypatch.setattr(moe, "_CPU_GROUPED_MM", False)
+    assert torch.allclose(moe.grouped_mm(x, w, offsets), ref, atol=1e-5)  # float32 sums of 8 terms
+
+
+def test_bias_steers_selection_only_and_follows_algorithm_1():
+    x = torch.randn(5, 4)
+    weight = torch.zeros(3, 4)  # every score equal: the bias alone decides
+    for gate in ("softmax", "sigmoid"):
+        r = moe.route(x, weight, 1, gate=gate, bias=torch.tensor([0.0, 0.0, 0.01]))
+        assert torch.equal(r.top_idx.flatten(), torch.full((5,), 2))
+        expected = 1 / 3 if gate == "softmax" else 0.5
+        assert torch.allclose(r.gates, torch.full((5, 1), expected))  # the gate never includes the bias
+    cfg = moe.GPTConfig(d_model=8, n_head=2, ffn="moe", n_experts=3, d_expert=8, balance="bias", bias_rate=1e-3)
+    layer = moe.MoE(cfg)
+    layer.counts = torch.tensor([5, 1, 2])  # mean 8/3: expert 0 overloaded, 1 and 2 underloaded
+    layer.update_bias()
+    assert torch.allclose(layer.bias, torch.tensor([-1e-3, 1e-3, 1e-3]))
+    layer.counts = torch.tensor([2, 2, 2])  # balanced: sign(0) = 0, no change
+    layer.update_bias()
+    assert torch.allclose(layer.bias, torch.tensor([-1e-3, 1e-3, 1e-3]))
+
+
+def test_moe_layer_gradients_reach_the_router_through_the_gate():
+    torch.manual_seed(2)
+    cfg = moe.GPTConfig(d_model=16, n_head=2, ffn="moe", n_experts=4, top_k=1, d_expert=32, balance="none")
+    layer = moe.MoE(cfg)
+    out = layer(torch.randn(2, 5, 16))
+    out.pow(2).sum().backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0  # via p_i(x) in Switch eq. 2
+    assert layer.w1.grad.abs().sum() > 0 and layer.aux is None
+    assert int(layer.counts.sum()) == 10 and int(layer.n_dropped) == 0
+
+
+def test_max_violation_is_wang_eq_4_averaged_over_layers():
+    assert moe.max_violation(torch.tensor([[4, 4, 4, 4]])) == pytest.approx(0.0)
+    assert moe.max_violation(torch.tensor([[8, 4, 2, 2]])) == pytest.approx(1.0)  # (8 - 4) / 4
+    assert moe.max_violation(torch.tensor([[8, 4, 2, 2], [4, 4, 4, 4]])) == pytest.approx(0.5)
+
+
+def test_forced_routing_is_balanced_or_skewed_as_described():
+    bal = moe.forced_routing(64, 8, 2, "balanced", "cpu")
+    assert torch.equal(torch.bincount(bal.top_idx.flatten(), minlength=8), torch.full((8,), 16))
+    assert torch.all(bal.top_idx[:, 0] != bal.top_idx[:, 1])
+    skew = moe.forced_routing(64, 8, 2, "skewed", "cpu")
+    counts = torch.bincount(skew.top_idx.flatten(), minlength=8)
+    assert counts[0] == 64 and moe.max_violation(counts) == pytest.approx(3.0)  # half of all assignments
+    with pytest.raises(ValueError):
+        moe.forced_routing(8, 4, 1, "zipf", "cpu")
+
+
+def test_tokens_to_target_and_spearman():
+    tokens, losses = [0, 100, 200, 300], [10.0, 6.0, 5.0, 4.5]
+    assert moe.tokens_to_target(tokens, losses, 5.5) == pytest.approx(150.0)  # halfway from 6.0 to 5.0
+    assert moe.tokens_to_target(tokens, losses, 4.0) is None
+    assert moe.spearman([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(1.0)
+    assert moe.spearman([1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1]) == pytest.approx(-1.0)
+
+
+def test_a_tiny_training_run_records_loads_and_stays_finite():
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 64, 4000), rng.integers(0, 64, 600)
+    corpus = moe.Corpus(train, val, seq_len=16, batch_size=4, eval_batches=2, device="cpu")
+    cfg = moe.GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=16, ffn="moe", n_experts=4,
+                        d_expert=32, gate="sigmoid", balance="bias")
+    r = moe.train("tiny", cfg, corpus, steps=4, lr=1e-2, seed=0, eval_every=2, keep_model=True)
+    assert r.tokens == [0, 128, 256] and all(np.isfinite(r.val_loss))
+    assert r.load.shape == (4, 2, 4) and (r.load.sum(axis=-1) == 64).all()  # 4 x 16 tokens per layer
+    assert r.model.moe_layers()[0].bias.abs().sum() > 0  # the bias moved
+    ev = moe.evaluate(r.model, corpus, capacity_factor=1.0)
+    assert 0.0 <= ev["dropped_frac"] <= 1.0 and ev["counts"].shape == (2, 4)
+
+
+# --------------------------------------------------------------------------------------- bad values
+
+
+def test_bad_config_values_are_rejected():
+    for bad in (dict(balance="sinkhorn"), dict(gate="relu"), dict(top_k=0), dict(top_k=9, n_experts=8),
+                dict(capacity_factor=0.0), dict(router_dtype="fp8"), dict(d_model=10, n_head=4)):
+        with pytest.raises(ValueError):
+            moe.GPTConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [{"n_seeds": 0}, {"expert_counts": [1, 8]}, {"expert_counts": 8},
+                                 {"steps": 0}, {"lr": -1.0}, {"capacity_factors": [0.0]},
+                                 {"router_seeds": 2.5}, {"n_experts": 8}])
+def test_bad_parameters_raise_parameter_error(bad):
+    chapter = load_chapter(FOLDER)
+    with pytest.raises(ParameterError):
+        resolve(chapter.parameters, {"profile": "smoke", **bad}, cuda=False)
+
+
+def test_profile_defaults_resolve():
+    chapter = load_chapter(FOLDER)
+    smoke = resolve(chapter.parameters, {"profile": "smoke"}, cuda=False)
+    gpu = resolve(chapter.parameters, {"profile": "gpu"}, cuda=True)
+    assert smoke["steps"] < gpu["steps"] and gpu["expert_counts"] == [4, 8, 16, 32]
+    assert gpu["bench_d_model"] % 8 == 0 and gpu["bench_d_expert"] % 8 == 0  # torch._grouped_mm alignment
