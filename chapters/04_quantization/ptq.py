@@ -1,0 +1,1093 @@
+"""Post-training quantization, as studied in chapter 04: RTN, GPTQ, FP8 row-wise, and an INT4 kernel.
+
+The notebook shows these functions with ``repro_utils.display.show``; what it shows is what runs.
+
+1. Integer grids and round-to-nearest (RTN) ........ QWeight, quant_params, quantize, rtn
+2. GPTQ (Frantar et al. 2022) ....................... HessianAccumulator, gptq, gptq_quantize_model
+3. FP8 e4m3, row-wise scales ........................ fp8_rowwise, fp8_fake_quant, fp8_quant_rows, fp8_linear
+4. INT4 weight-only ................................. Int4Weight, pack_int4, int4_matmul (Triton), int4_linear,
+                                                      tinygemm_pack / tinygemm_linear (torch's built-in kernel)
+5. Models: a small GPT (quality), a Llama-3-8B-shaped decoder (speed)
+6. Measurement: training, perplexity, timing sweeps, ceilings of the machine
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # Triton runs the kernels on a GPU, or on the CPU with TRITON_INTERPRET=1 (slow, for tests)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the chapter's CPU path needs no Triton
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Integer grids and round-to-nearest
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class QWeight:
+    """An integer-quantized weight: w[n, k] ≈ (q[n, k] - zero[n, g]) * scale[n, g], g = k // group_size."""
+
+    q: torch.Tensor  # (N, K) uint8 codes in [0, 2**bits - 1]
+    scale: torch.Tensor  # (N, K // G) float32
+    zero: torch.Tensor  # (N, K // G) float32, integer-valued
+    bits: int
+    group_size: int  # G (equals K for one group per row)
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.q.shape
+        q = self.q.float().view(N, K // self.group_size, self.group_size)
+        return ((q - self.zero[..., None]) * self.scale[..., None]).view(N, K)
+
+
+def check_quant_args(bits: int, group_size: int, in_features: int) -> int:
+    """Validate (bits, group_size) for a layer with ``in_features`` inputs; returns the group size G.
+
+    ``group_size=-1`` means one group per output row (per-channel), GPTQ's default."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    if group_size == -1:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the layer's {in_features} input features")
+    return group_size
+
+
+def quant_params(w: torch.Tensor, bits: int, group_size: int, sym: bool = False):
+    """Scale and zero point of each group of ``group_size`` consecutive inputs of each row.
+
+    Asymmetric (default): the grid spans [min(w, 0), max(w, 0)] in 2**bits - 1 steps and the zero point
+    is rounded to an integer, so 0 is exactly representable (GPTQ's quantizer does the same)."""
+    N, K = w.shape
+    G = check_quant_args(bits, group_size, K)
+    maxq = 2**bits - 1
+    wg = w.float().reshape(N, K // G, G)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    flat = hi == lo  # an all-zero group: any grid will do
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    scale = (hi - lo) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes q = clamp(round(w / scale) + zero, 0, 2**bits - 1), per group."""
+    N, K = w.shape
+    G = K // scale.shape[1]
+    q = torch.round(w.float().view(N, K // G, G) / scale[..., None]) + zero[..., None]
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8).view(N, K)
+
+
+def rtn(w: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False) -> QWeight:
+    """Round-to-nearest: every weight to its closest grid point, independently of all the others."""
+    scale, zero = quant_params(w, bits, group_size, sym)
+    return QWeight(quantize(w, scale, zero, bits), scale, zero, bits, w.shape[1] // scale.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. GPTQ
+# ----------------------------------------------------------------------------------------------------
+
+class HessianAccumulator:
+    """H = (2 / n) Σ x xᵀ over the n calibration inputs x that reach one linear layer.
+
+    GPTQ minimises ||W X - Ŵ X||² row by row; its Hessian with respect to a row is 2 X Xᵀ
+    (Frantar et al. 2022, §3). The running mean keeps H at the same scale for any n."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H += x.T @ x
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, *, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False, sym: bool = False) -> QWeight:
+    """GPTQ (Frantar et al. 2022, Algorithm 1): quantize the columns of W one at a time and move each
+    column's rounding error onto the columns not yet quantized, weighted by the inverse Hessian.
+
+    - damping: add ``damp`` × mean(diag H) to the diagonal so that H is safely invertible (the paper uses 1%);
+    - H⁻¹ is used through its upper Cholesky factor U (H⁻¹ = Uᵀ U): row i of U holds exactly the update
+      coefficients of step i, so no inverse is ever updated (§4, the Cholesky reformulation);
+    - lazy batches: the error of ``block_size`` columns is applied to the rest of W in one matmul (§4);
+    - groups: each group of ``group_size`` columns gets its own (scale, zero), chosen when the group's first
+      column is reached, from the weights as GPTQ has updated them so far;
+    - act_order: columns in order of decreasing diag(H) (the IST-DASLab/gptq README's ``--act-order``); the
+      groups' grids are then fixed before any update (its ``--static-groups``), so that group g still covers
+      columns g·G … g·G + G - 1 and the packed format is the same as RTN's.
+    """
+    W = W.float().clone()
+    N, K = W.shape
+    G = check_quant_args(bits, group_size, K)
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    maxq = 2**bits - 1
+    H = H.float().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire: their weights do not matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if act_order:
+        scale, zero = quant_params(W, bits, G, sym)  # static groups
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        scale = torch.zeros(N, K // G, device=W.device)
+        zero = torch.zeros_like(scale)
+        perm = torch.arange(K, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    order = perm.tolist()
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = order[i1 + i]  # this column's index in the original W
+            g = col // G
+            if not act_order and col % G == 0:  # a new group: its grid from the weights as updated so far
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :G]
+                scale[:, g:g + 1], zero[:, g:g + 1] = quant_params(upcoming, bits, G, sym)
+            w, s, z = W1[:, i], scale[:, g], zero[:, g]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            Q[:, i1 + i] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / U1[i, i]  # the OBS update (§3), with H⁻¹'s rows taken from U (§4)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column
+    return QWeight(Q[:, torch.argsort(perm)], scale, zero, bits, G)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. FP8 e4m3 with row-wise scales
+# ----------------------------------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # largest finite e4m3 value, S.1111.110 = 1.75 × 2^8 (Micikevicius et al. 2022, Table 1)
+
+
+def fp8_rowwise(x: torch.Tensor):
+    """Row-wise e4m3: each row is scaled so that its largest |value| lands on 448, then rounded to e4m3.
+
+    Returns (codes in torch.float8_e4m3fn, scale (rows, 1) float32); x ≈ codes * scale."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """x rounded through row-wise e4m3 and back: what the tensor cores see, computed on any device."""
+    q, s = fp8_rowwise(x)
+    return (q.float() * s).to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp8_quant_rows_kernel(X, Q, S, K, stride_x, stride_q, BLOCK: tl.constexpr):
+        """One program per row: read the row once, find its max |x|, write e4m3 codes and the scale."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < K
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+        q = tl.clamp(x / scale, -448.0, 448.0)
+        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + row, scale)
+
+
+def fp8_quant_rows(x: torch.Tensor):
+    """Row-wise e4m3 of a 2-D activation in one fused pass (Triton); same result as ``fp8_rowwise``."""
+    if triton is None or not (x.is_cuda or INTERPRET):
+        return fp8_rowwise(x)
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _fp8_quant_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block,
+                                 num_warps=min(16, max(4, block // 1024)))
+    return q, s
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ on the FP8 tensor cores (torch._scaled_mm), both operands e4m3 with row-wise scales.
+
+    The weight was quantized once, offline (w_scale has shape (1, N)); the activation is quantized here,
+    per token, on every call, so its cost is part of whatever time this function is given."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = fp8_quant_rows(x2)
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=xs, scale_b=w_scale, out_dtype=torch.bfloat16,
+                         use_fast_accum=True)
+    return y.reshape(*x.shape[:-1], w_fp8.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. INT4 weight-only: packing, the Triton kernel, torch's tinygemm
+# ----------------------------------------------------------------------------------------------------
+
+PACK = 128  # inputs per packing block: 16 int32 words of 8 nibbles
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (N, K) into int32 words (N, K // 8).
+
+    Within each block of 128 inputs, nibble s (bits 4s … 4s+3) of word j holds input 16·s + j. Unpacking
+    ``(word >> 4s) & 15`` for s = 0…7 then yields eight contiguous [*, 16] slabs, with no shuffling."""
+    N, K = q.shape
+    if K % PACK:
+        raise ValueError(f"INT4 packing needs the input size to be a multiple of {PACK}, got {K}")
+    q = q.to(torch.int64).view(N, K // PACK, 8, 16)
+    words = sum(q[:, :, s, :] << (4 * s) for s in range(8))
+    words = torch.where(words >= 2**31, words - 2**32, words)  # as signed int32
+    return words.to(torch.int32).reshape(N, K // 8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    N, K8 = packed.shape
+    w = packed.view(N, K8 // 16, 1, 16)
+    q = (w >> (4 * torch.arange(8, device=packed.device)).view(1, 1, 8, 1)) & 0xF
+    return q.reshape(N, K8 * 8).to(torch.uint8)
+
+
+@dataclass
+class Int4Weight:
+    """A 4-bit weight as the Triton kernel reads it: 4.19 bits per weight with group size 128."""
+
+    packed: torch.Tensor  # (N, K // 8) int32
+    scale: torch.Tensor  # (K // G, N) bfloat16: group-major, so a tile of N reads one contiguous row
+    zero: torch.Tensor  # (K // G, N) uint8
+    group_size: int
+
+    @property
+    def shape(self):
+        return self.packed.shape[0], self.packed.shape[1] * 8
+
+    @classmethod
+    def from_qweight(cls, qw: QWeight) -> Int4Weight:
+        if qw.bits != 4 or qw.group_size % PACK:
+            raise ValueError(f"the INT4 kernel needs bits=4 and a group size that is a multiple of {PACK}, "
+                             f"got bits={qw.bits}, group_size={qw.group_size}")
+        return cls(pack_int4(qw.q), qw.scale.t().contiguous().to(torch.bfloat16),
+                   qw.zero.t().contiguous().to(torch.uint8), qw.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight the kernel multiplies by (with the bf16-rounded scales), as float32 (N, K)."""
+        N, K = self.shape
+        q = unpack_int4(self.packed).float().view(N, K // self.group_size, self.group_size)
+        s, z = self.scale.t().float(), self.zero.t().float()
+        return ((q - z[..., None]) * s[..., None]).view(N, K)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int4_gemv_kernel(X, Wp, S, Z, Y, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                          K_ITERS: tl.constexpr):
+        """One token (M = 1) on the CUDA cores: y[n] = Σ_k x[k] · (q[n, k] - z[g, n]) · s[g, n].
+
+        Grid (N / BLOCK_N, SPLIT_K). Each iteration reads one packing block (128 inputs, one group) of
+        BLOCK_N rows: a [BLOCK_N, 16] tile of words, unpacked to [BLOCK_N, 16, 8] nibbles in registers.
+        128 + q becomes a float with no conversion instruction: OR the nibble into the mantissa of 128.0
+        (fp32 bits 0x43000000 | q << 16). Then w = (128 + q) · s - (128 + z) · s is one FMA, and the
+        products are summed inside each thread; the only cross-thread reduction is the last line."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, 16)
+        rs = tl.arange(0, 8)
+        n_ok = rn < N
+        x_offs = rj[:, None] + 16 * rs[None, :]  # nibble s of word j is input 16·s + j
+        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+        for it in range(K_ITERS):
+            kb = (pid_k * K_ITERS + it) * 128
+            p = tl.load(Wp + rn[:, None] * (K // 8) + (kb // 8 + rj)[None, :], mask=n_ok[:, None], other=0)
+            s = tl.load(S + (kb // G) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + (kb // G) * N + rn, mask=n_ok, other=0).to(tl.float32)
+            x = tl.load(X + kb + x_offs).to(tl.float32)  # [16, 8]
+            q = (p[:, :, None] >> (4 * rs)[None, None, :]) & 0xF  # [BLOCK_N, 16, 8]
+            f = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q, exactly
+            w = f * s[:, None, None] - ((128.0 + z) * s)[:, None, None]  # (q - z) · s
+            acc += tl.sum(w * x[None, :, :], axis=2)
+        y = tl.sum(acc, axis=1)
+        if SPLIT_K == 1:
+            tl.store(Y + rn, y.to(Y.dtype.element_ty), mask=n_ok)
+        else:
+            tl.atomic_add(Y + rn, y, mask=n_ok)
+
+    @triton.jit
+    def _int4_mma_kernel(X, Wp, S, Z, Y, M, N, K, stride_xm, stride_ym, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, F32_DOT: tl.constexpr):
+        """Two tokens or more, on the tensor cores: each iteration dequantizes a [BLOCK_N, 128] tile to bf16
+        in registers and multiplies it by the matching [128, BLOCK_M] tile of X with one tl.dot.
+
+        A dot product does not care in which order it visits k, so the tile keeps the order the nibbles come
+        out in (r = 8·j + s, which is input 16·s + j) and X is read in that same order."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rj = tl.arange(0, 16)
+        rs = tl.arange(0, 8)
+        rr = tl.arange(0, 128)
+        n_ok = rn < N
+        m_ok = rm < M
+        k_of_r = 16 * (rr % 8) + rr // 8
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for it in range(K_ITERS):
+            kb = (pid_k * K_ITERS + it) * 128
+            p = tl.load(Wp + rn[:, None] * (K // 8) + (kb // 8 + rj)[None, :], mask=n_ok[:, None], other=0)
+            s = tl.load(S + (kb // G) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(Z + (kb // G) * N + rn, mask=n_ok, other=0).to(tl.float32)
+            q = tl.reshape((p[:, :, None] >> (4 * rs)[None, None, :]) & 0xF, (BLOCK_N, 128))  # order r
+            f = ((q << 16) | 0x43000000).to(tl.float32, bitcast=True)  # 128 + q
+            w = (f * s[:, None] - ((128.0 + z) * s)[:, None]).to(tl.bfloat16)  # [BLOCK_N, 128]
+            x = tl.load(X + rm[None, :] * stride_xm + (kb + k_of_r)[:, None], mask=m_ok[None, :], other=0.0)
+            if F32_DOT:  # the CPU interpreter cannot multiply bf16 matrices
+                acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
+            else:
+                acc = tl.dot(w, x, acc)
+        y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]
+        ok = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=ok)
+
+    @triton.jit
+    def _int4_v1_kernel(X, Wp, S, Z, Y, M, N, K, stride_xm, stride_ym,
+                        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
+                        SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, F32_DOT: tl.constexpr):
+        """The chapter's first version, kept as a tuning candidate and for comparison. Per group it factors
+        Σ x (q - z) s = s Σ x (128 + q) - (128 + z) s Σ x, one 16-input slab at a time; the Σ x of every slab
+        and the per-group sum are reductions across threads inside the loop, and on the H100 they left the
+        kernel waiting on memory latency (see the tuning table in the notebook)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rj = tl.arange(0, 16)
+        n_ok = rn < N
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for it in range(K_ITERS):
+            for b in tl.static_range(KB):
+                kb = ((pid_k * K_ITERS + it) * KB + b) * 128
+                p = tl.load(Wp + rn[:, None] * (K // 8) + (kb // 8 + rj)[None, :], mask=n_ok[:, None], other=0)
+                s = tl.load(S + (kb // G) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(Z + (kb // G) * N + rn, mask=n_ok, other=0).to(tl.float32)
+                xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                if BLOCK_M < 16:
+                    acc3 = tl.zeros((BLOCK_N, 16, BLOCK_M), dtype=tl.float32)
+                else:
+                    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for sl in tl.static_range(8):
+                    qs = (p >> (4 * sl)) & 0xF
+                    x = tl.load(X + rm[None, :] * stride_xm + (kb + 16 * sl + rj)[:, None],
+                                mask=m_ok[None, :], other=0.0)
+                    xsum += tl.sum(x.to(tl.float32), axis=0)
+                    if BLOCK_M < 16:
+                        w = ((qs << 16) | 0x43000000).to(tl.float32, bitcast=True)
+                        acc3 += w[:, :, None] * x.to(tl.float32)[None, :, :]
+                    else:
+                        w = (qs | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q in bf16
+                        if F32_DOT:
+                            part += tl.dot(w.to(tl.float32), x.to(tl.float32))
+                        else:
+                            part += tl.dot(w, x)
+                if BLOCK_M < 16:
+                    part = tl.sum(acc3, axis=1)
+                acc += s[:, None] * part - ((128.0 + z) * s)[:, None] * xsum[None, :]
+        y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]
+        ok = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=ok)
+
+    @triton.jit
+    def _int4_dequant_kernel(Wp, S, Z, W, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Write the bf16 weight (N, K): one packing block of BLOCK_N rows per program."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb = tl.program_id(1) * 128
+        rj = tl.arange(0, 16)
+        n_ok = rn < N
+        p = tl.load(Wp + rn[:, None] * (K // 8) + (kb // 8 + rj)[None, :], mask=n_ok[:, None], other=0)
+        s = tl.load(S + (kb // G) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(Z + (kb // G) * N + rn, mask=n_ok, other=0).to(tl.float32)
+        for sl in tl.static_range(8):
+            q = ((p >> (4 * sl)) & 0xF).to(tl.float32)
+            w = (q - z[:, None]) * s[:, None]
+            tl.store(W + rn[:, None] * K + (kb + 16 * sl + rj)[None, :], w.to(W.dtype.element_ty),
+                     mask=n_ok[:, None])
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    kernel: str  # "gemv" (one token, CUDA cores), "mma" (tensor cores) or "v1" (the first version)
+    BLOCK_M: int
+    BLOCK_N: int
+    SPLIT_K: int = 1  # programs sharing one output tile along K (their partial sums meet by atomic adds)
+    num_warps: int = 4
+    num_stages: int = 4
+    KB: int = 1  # v1 only: packing blocks per loop iteration
+
+    def __post_init__(self):
+        if self.kernel not in ("gemv", "mma", "v1"):
+            raise ValueError(f"unknown INT4 kernel {self.kernel!r}")
+        if self.kernel == "gemv" and self.BLOCK_M != 1:
+            raise ValueError("the gemv kernel computes one token: BLOCK_M must be 1")
+        if self.kernel == "mma" and self.BLOCK_M < 16:
+            raise ValueError("tl.dot needs BLOCK_M ≥ 16")
+
+
+def m_bucket(M: int) -> int:
+    """Token counts that share one tuned configuration."""
+    return 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64
+
+
+INT4_TUNED: dict[tuple[int, int, int], Int4Config] = {}  # (N, K, m_bucket) -> the fastest config measured
+
+
+def int4_config(M: int, N: int, K: int) -> Int4Config:
+    """The configuration ``tune_int4`` measured fastest on this GPU, else a default: the CUDA-core GEMV
+    for one token, the tensor-core kernel from two on, with enough programs to occupy every SM."""
+    tuned = INT4_TUNED.get((N, K, m_bucket(M)))
+    if tuned is not None:
+        return tuned
+    split = 1 if N >= 8192 else next(s for s in (4, 2, 1) if (K // PACK) % s == 0)
+    if M == 1:
+        return Int4Config("gemv", 1, 32, SPLIT_K=split)
+    return Int4Config("mma", m_bucket(M), 64, SPLIT_K=min(split, 2), num_stages=3)
+
+
+def int4_candidates(M: int, N: int, K: int) -> list[Int4Config]:
+    """What ``tune_int4`` tries for one problem (each must divide K into whole packing blocks)."""
+    b = m_bucket(M)
+    C = Int4Config
+    mma = [C("mma", max(b, 16), bn, sk, 4, 3) for bn in (32, 64, 128) for sk in (1, 2)]
+    if b == 1:
+        out = [C("gemv", 1, bn, sk, 4, 4) for bn in (16, 32, 64) for sk in (1, 2, 4)]
+        out += [C("mma", 16, 64, sk, 4, 3) for sk in (1, 2)]
+        out += [C("v1", 1, 128, 4, 4, 6), C("v1", 1, 64, 4, 4, 4), C("v1", 1, 32, 2, 4, 4)]
+    elif b == 16:
+        out = mma + [C("v1", 16, 64, 1, 4, 3, KB=2), C("v1", 16, 64, 2, 4, 4)]
+    else:
+        out = [c for c in mma if c.SPLIT_K == 1 and c.BLOCK_N >= 64] + [C("v1", b, 64, 1, 4, 3)]
+    return [c for c in out if K % (PACK * c.KB * c.SPLIT_K) == 0]
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight, config: Int4Config | None = None) -> torch.Tensor:
+    """y = x Wᵀ with W in 4 bits, read once from memory and dequantized in registers (Triton)."""
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    c = config or int4_config(M, N, K)
+    if K % (PACK * c.KB * c.SPLIT_K):
+        raise ValueError(f"K={K} is not a multiple of 128·KB·SPLIT_K = {PACK * c.KB * c.SPLIT_K}")
+    k_iters = K // (PACK * c.KB * c.SPLIT_K)
+    if c.SPLIT_K > 1:
+        y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    else:
+        y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if c.kernel == "gemv":
+        if M != 1:
+            raise ValueError(f"the gemv kernel computes one token, got M={M}")
+        _int4_gemv_kernel[(triton.cdiv(N, c.BLOCK_N), c.SPLIT_K)](
+            x2, w.packed, w.scale, w.zero, y, N, K, G=w.group_size, BLOCK_N=c.BLOCK_N, SPLIT_K=c.SPLIT_K,
+            K_ITERS=k_iters, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        grid = (triton.cdiv(N, c.BLOCK_N), c.SPLIT_K, triton.cdiv(M, c.BLOCK_M))
+        args = (x2, w.packed, w.scale, w.zero, y, M, N, K, x2.stride(0), y.stride(0))
+        if c.kernel == "mma":
+            _int4_mma_kernel[grid](*args, G=w.group_size, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, SPLIT_K=c.SPLIT_K,
+                                   K_ITERS=k_iters, F32_DOT=INTERPRET, num_warps=c.num_warps,
+                                   num_stages=c.num_stages)
+        else:
+            _int4_v1_kernel[grid](*args, G=w.group_size, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, KB=c.KB,
+                                  SPLIT_K=c.SPLIT_K, K_ITERS=k_iters, F32_DOT=INTERPRET, num_warps=c.num_warps,
+                                  num_stages=c.num_stages)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def tune_int4(problems, *, device="cuda", seed: int = 0, rep: int = 15, log=None) -> list[dict]:
+    """Time every candidate of ``int4_candidates`` for each (M, N, K) and keep the fastest correct one in
+    INT4_TUNED (what ``triton.autotune`` does, made explicit so that the choice can be shown). A candidate
+    that fails to compile or disagrees with the dequantized reference by more than 1% is skipped."""
+    from triton.testing import do_bench
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(seed)
+    for M, N, K in problems:
+        w4 = Int4Weight.from_qweight(rtn(torch.randn(N, K, generator=g, device=device) * 0.02, 4, 128))
+        x = torch.randn(M, K, generator=g, device=device).to(torch.bfloat16)
+        ref = x.float() @ w4.dequantize().t()
+        best = None
+        for c in int4_candidates(M, N, K):
+            try:
+                err = ((int4_matmul(x, w4, c).float() - ref).abs().max() / ref.abs().max()).item()
+                ms = do_bench(partial(int4_matmul, x, w4, c), warmup=5, rep=rep, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a candidate that does not compile here is simply skipped
+                if log:
+                    log(f"skipped {c} for M={M}, N={N}, K={K}: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append({"M": M, "N": N, "K": K, "config": c, "us": 1e3 * ms, "rel_err": err})
+            if err < 1e-2 and (best is None or ms < best[1]):
+                best = (c, ms)
+        if best is not None:
+            INT4_TUNED[(N, K, m_bucket(M))] = best[0]
+    return rows
+
+
+def int4_dequantize(w: Int4Weight, dtype=torch.bfloat16) -> torch.Tensor:
+    """The full weight in ``dtype`` (N, K), written by one Triton pass over the packed weight."""
+    N, K = w.shape
+    out = torch.empty(N, K, device=w.packed.device, dtype=dtype)
+    _int4_dequant_kernel[(triton.cdiv(N, 64), K // PACK)](w.packed, w.scale, w.zero, out, N, K,
+                                                          G=w.group_size, BLOCK_N=64)
+    return out
+
+
+INT4_KERNEL_MAX_M = 64  # above this many tokens, dequantize once and use the bf16 tensor-core GEMM
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """A serving stack's dispatch: the int4 kernel while the matmul is bandwidth-bound (few tokens),
+    dequantize-then-cuBLAS once it is compute-bound (prefill), where 4-bit weights cannot help."""
+    M = x.numel() // x.shape[-1]
+    if M <= INT4_KERNEL_MAX_M:
+        return int4_matmul(x, w)
+    return F.linear(x, int4_dequantize(w, x.dtype))
+
+
+def tinygemm_pack(qw: QWeight, inner_k_tiles: int = 8):
+    """torch's built-in int4 kernel (tinygemm, the one torchao's int4 weight-only path used):
+    w = (q - 8) · scale + zero', so zero' = (8 - zero) · scale; pairs of codes packed into bytes."""
+    if qw.bits != 4:
+        raise ValueError(f"tinygemm is a 4-bit kernel, got bits={qw.bits}")
+    q = qw.q.to(torch.int32)
+    q_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(q_u8, inner_k_tiles)
+    zero_t = (8 - qw.zero) * qw.scale
+    sz = torch.stack([qw.scale, zero_t], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/G, N, 2)
+    return packed, sz
+
+
+def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.aten._weight_int4pack_mm(x2, packed, group_size, sz)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5a. A small GPT, trained by the chapter, whose weights are quantized (quality)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 64
+    block_size: int = 512
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """nanoGPT's model without biases in the linear layers; the embedding and the output layer are tied
+    and, as in the GPTQ paper, never quantized: only the blocks' linear layers are."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def embed(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def quantizable(self):
+        """(name, layer) for every linear layer inside the blocks."""
+        return [(n, m) for n, m in self.blocks.named_modules() if isinstance(m, nn.Linear)]
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.wte.weight.numel() + self.wpe.weight.numel() if non_embedding else 0)
+
+
+def with_weights(model: GPT, fn) -> GPT:
+    """A copy of ``model`` whose block linear weights are replaced by fn(weight) (e.g. RTN round trips)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, lin in out.quantizable():
+            lin.weight.copy_(fn(lin.weight).to(lin.weight.dtype))
+    return out
+
+
+def fp8_simulated(model: GPT) -> GPT:
+    """A copy of ``model`` computing every block linear layer as the FP8 tensor cores would: weights and
+    (per token) inputs rounded through row-wise e4m3, products accumulated in fp32."""
+    out = with_weights(model, fp8_fake_quant)
+    for _, lin in out.quantizable():
+        lin.register_forward_pre_hook(lambda mod, args: (fp8_fake_quant(args[0]),))
+    return out
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: GPT, calib: torch.Tensor, bits: int, group_size: int, *, act_order: bool = False,
+                        damp: float = 0.01, block_size: int = 128, chunk: int = 16):
+    """GPTQ over a whole model, block after block (the paper's §4 "sequential" setting): the calibration
+    sequences run through the blocks already quantized, each linear layer's Hessian is collected from
+    the inputs it actually receives, then its weights are replaced by their GPTQ round trip."""
+    qmodel = copy.deepcopy(model).eval()
+    x = torch.cat([qmodel.embed(c) for c in calib.split(chunk)])
+    for block in qmodel.blocks:
+        layers = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        acc = {n: HessianAccumulator(m.in_features, x.device) for n, m in layers}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in layers]
+        for xs in x.split(chunk):
+            block(xs)
+        for h in hooks:
+            h.remove()
+        for n, m in layers:
+            qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
+            m.weight.copy_(qw.dequantize().to(m.weight.dtype))
+        x = torch.cat([block(xs) for xs in x.split(chunk)])
+    return qmodel
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5b. A decoder with Llama-3-8B's shapes and random weights (speed: weights' values do not matter)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LlamaShape:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8  # grouped-query attention: k and v are 1024 wide
+    hidden: int = 14336
+    vocab: int = 128256
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+def block_linear_shapes(cfg: LlamaShape) -> dict[str, tuple[int, int]]:
+    """(in_features K, out_features N) of each linear layer of one transformer block."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    return {"q": (cfg.dim, cfg.dim), "k": (cfg.dim, kv), "v": (cfg.dim, kv), "o": (cfg.dim, cfg.dim),
+            "gate": (cfg.dim, cfg.hidden), "up": (cfg.dim, cfg.hidden), "down": (cfg.hidden, cfg.dim)}
+
+
+class QLinear:
+    """A linear layer stored in one of three formats: 'bf16', 'fp8' (row-wise e4m3, _scaled_mm) or
+    'int4' (group-128 RTN, the chapter's kernel through ``int4_linear``)."""
+
+    def __init__(self, w: torch.Tensor, fmt: str):
+        self.fmt, self.out_features = fmt, w.shape[0]
+        if fmt == "bf16":
+            self.w = w
+        elif fmt == "fp8":
+            self.wq, ws = fp8_rowwise(w)
+            self.ws = ws.t().contiguous()  # (1, N)
+        elif fmt == "int4":
+            self.w4 = Int4Weight.from_qweight(rtn(w, 4, 128))
+        else:
+            raise ValueError(f"unknown format {fmt!r}; use 'bf16', 'fp8' or 'int4'")
+
+    def __call__(self, x):
+        if self.fmt == "bf16":
+            return F.linear(x, self.w)
+        if self.fmt == "fp8":
+            return fp8_linear(x, self.wq, self.ws)
+        return int4_linear(x, self.w4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(X, R, Wn, Y, D, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+        """x += r (in place, the residual stream), y = x / rms(x) · w: one read of each row."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_R:
+            x += tl.load(R + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(X + row * D + cols, x.to(X.dtype.element_ty), mask=mask)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        w = tl.load(Wn + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * D + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(GU, Y, H, BLOCK: tl.constexpr):
+        """y = silu(gate) · up, reading the fused [gate | up] projection of one row."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < H
+        g = tl.load(GU + row * 2 * H + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * 2 * H + H + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * H + cols, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, w: torch.Tensor, r: torch.Tensor | None = None, eps: float = 1e-5):
+    """(x + r written back into x, rmsnorm(x + r) · w) for 2-D bf16 x."""
+    y = torch.empty_like(x)
+    D = x.shape[-1]
+    _add_rmsnorm_kernel[(x.shape[0],)](x, r if r is not None else x, w, y, D, eps, HAS_R=r is not None,
+                                       BLOCK=triton.next_power_of_2(D), num_warps=8)
+    return y
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    M, H2 = gu.shape
+    y = torch.empty(M, H2 // 2, device=gu.device, dtype=gu.dtype)
+    _silu_mul_kernel[(M, triton.cdiv(H2 // 2, 4096))](gu, y, H2 // 2, BLOCK=4096, num_warps=8)
+    return y
+
+
+class SpeedLlama:
+    """Llama-3-8B's decoder shapes with random weights, every linear layer in one format (q, k, v fused into
+    one projection and gate, up into another, as serving stacks do; the output layer is quantized too).
+    No rotary embedding: it is a few elementwise operations per token and does not touch the weights."""
+
+    def __init__(self, cfg: LlamaShape, fmt: str, *, device="cuda", seed: int = 0, max_seq: int = 1024):
+        self.cfg, self.fmt, self.max_seq = cfg, fmt, max_seq
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def rand(*shape):  # never zeros: a zero weight would quantize to a degenerate grid
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+
+        d, kv, h = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden
+        self.embed = rand(cfg.vocab, d)
+        self.layers = []
+        for _ in range(cfg.n_layers):
+            self.layers.append(dict(qkv=QLinear(rand(d + 2 * kv, d), fmt), o=QLinear(rand(d, d), fmt),
+                                    gate_up=QLinear(rand(2 * h, d), fmt), down=QLinear(rand(d, h), fmt),
+                                    n1=torch.ones(d, device=device, dtype=torch.bfloat16),
+                                    n2=torch.ones(d, device=device, dtype=torch.bfloat16)))
+        self.norm = torch.ones(d, device=device, dtype=torch.bfloat16)
+        self.head = QLinear(rand(cfg.vocab, d), fmt)
+        shape = (cfg.n_kv_heads, max_seq, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, device=device, dtype=torch.bfloat16) for _ in range(cfg.n_layers)]
+        self.v_cache = [torch.zeros(shape, device=device, dtype=torch.bfloat16) for _ in range(cfg.n_layers)]
+
+    def _mlp(self, L, h):
+        return L["down"](silu_mul(L["gate_up"](h)))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position of each sequence (B, T) -> (B, vocab): causal attention, no cache."""
+        c = self.cfg
+        B, T = tokens.shape
+        x = self.embed[tokens.reshape(-1)]  # (B·T, d)
+        kv = c.n_kv_heads * c.head_dim
+        rep = c.n_heads // c.n_kv_heads
+        r = None
+        for L in self.layers:
+            h = add_rmsnorm(x, L["n1"], r)
+            q, k, v = L["qkv"](h).split([c.dim, kv, kv], dim=-1)
+            q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
+            k, v = (t.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2).repeat_interleave(rep, dim=1)
+                    for t in (k, v))  # each k/v head serves `rep` query heads
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x_attn = L["o"](a.transpose(1, 2).reshape(B * T, c.dim))
+            h = add_rmsnorm(x, L["n2"], x_attn)
+            r = self._mlp(L, h)
+        x = x.view(B, T, -1)[:, -1].contiguous()
+        return self.head(add_rmsnorm(x, self.norm, r.view(B, T, -1)[:, -1].contiguous()))
+
+    @torch.no_grad()
+    def decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token (batch 1) at position ``pos`` (a 1-element tensor, so a CUDA graph can replay it)."""
+        c = self.cfg
+        kv = c.n_kv_heads * c.head_dim
+        rep = c.n_heads // c.n_kv_heads
+        x = self.embed[tok]  # (1, d)
+        mask = torch.where(torch.arange(self.max_seq, device=tok.device) <= pos, 0.0, float("-inf"))
+        r = None
+        for i, L in enumerate(self.layers):
+            h = add_rmsnorm(x, L["n1"], r)
+            q, k, v = L["qkv"](h).split([c.dim, kv, kv], dim=-1)
+            self.k_cache[i].index_copy_(1, pos, k.view(c.n_kv_heads, 1, c.head_dim))
+            self.v_cache[i].index_copy_(1, pos, v.view(c.n_kv_heads, 1, c.head_dim))
+            qh = q.view(c.n_kv_heads, rep, c.head_dim)  # the query heads that share one k/v head
+            att = (qh @ self.k_cache[i].transpose(1, 2)).float() / math.sqrt(c.head_dim) + mask
+            a = (att.softmax(-1).to(qh.dtype) @ self.v_cache[i]).reshape(1, c.dim)
+            h = add_rmsnorm(x, L["n2"], L["o"](a))
+            r = self._mlp(L, h)
+        return self.head(add_rmsnorm(x, self.norm, r))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Measurement
+# ----------------------------------------------------------------------------------------------------
+
+def compact_vocab(train: torch.Tensor, size: int):
+    """Map GPT-2 tokens to ``size`` ids: the size - 1 most frequent training tokens keep an id of their own,
+    every other token shares the last one. The smoke profile uses it so that a CPU can train a model."""
+    counts = torch.bincount(train, minlength=50257)
+    keep = torch.argsort(counts, descending=True)[: size - 1]
+    table = torch.full((50257,), size - 1, dtype=torch.long)
+    table[keep] = torch.arange(size - 1)
+    return table
+
+
+def train_gpt(model: GPT, tokens, *, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+              device, weight_decay: float = 0.1, progress=None):
+    """AdamW, linear warm-up then cosine decay to lr/10, bf16 autocast on a GPU; returns the losses."""
+    from repro_utils.data import batch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), fused=str(device).startswith("cuda"))
+    gen = torch.Generator().manual_seed(seed)
+    warmup = max(1, steps // 20)
+    cuda = str(device).startswith("cuda")
+    losses = []  # (step, loss) every 10 steps: reading a loss waits for the GPU
+    model.train()
+    it = progress(range(steps)) if progress else range(steps)
+    for step in it:
+        frac = step / max(1, steps - 1)
+        for grp in opt.param_groups:
+            grp["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        x, y = batch(tokens, batch_size, seq_len, generator=gen, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == steps - 1:
+            losses.append((step, loss.item()))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def perplexity(model: GPT, tokens, *, seq_len: int, batch_size: int = 16, max_tokens: int | None = None,
+               device="cpu") -> float:
+    """exp(mean next-token loss) over non-overlapping windows of ``seq_len`` tokens, in fp32 (no TF32)."""
+    import numpy as np
+
+    arr = np.asarray(tokens[: (max_tokens or len(tokens)) + 1], dtype=np.int64)
+    n = (len(arr) - 1) // seq_len
+    x = torch.from_numpy(arr[: n * seq_len].reshape(n, seq_len))
+    y = torch.from_numpy(arr[1: n * seq_len + 1].reshape(n, seq_len))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model.eval()
+        total = 0.0
+        for i in range(0, n, batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            total += model(xb, yb).item() * xb.numel()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return math.exp(total / (n * seq_len))
+
+
+def layer_output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """||X Wᵀ - X Ŵᵀ||² / ||X Wᵀ||²: the quantity GPTQ minimises, relative to the output's size."""
+    ref = X @ W.t()
+    return ((X @ W_hat.t() - ref).pow(2).sum() / ref.pow(2).sum()).item()
+
+
+def measure_ceilings(device="cuda", n: int = 8192):
+    """What this GPU does: copy bandwidth (bytes read + written per second), bf16 and fp8 matmul rates."""
+    from repro_utils.bench import time_fn
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = time_fn(partial(dst.copy_, src)).ms
+    src = dst = None
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t_bf16 = time_fn(partial(torch.matmul, x, y)).ms
+    xq, xs = fp8_rowwise(x)
+    yq, ys = fp8_rowwise(y)
+    t_fp8 = time_fn(partial(torch._scaled_mm, xq, yq.t(), scale_a=xs, scale_b=ys.t().contiguous(),
+                            out_dtype=torch.bfloat16, use_fast_accum=True)).ms
+    flops = 2 * n**3
+    return {"copy_GBps": 2 * 2**30 / t_copy / 1e6, "bf16_TFLOPs": flops / t_bf16 / 1e9,
+            "fp8_TFLOPs": flops / t_fp8 / 1e9, "n": n}
+
+
+def linear_bytes(M: int, K: int, N: int, fmt: str, group_size: int = 128) -> float:
+    """Bytes a linear layer must move at least: weights once, bf16 activations in and out."""
+    weight = {"bf16": 2 * N * K, "fp8": N * K + 4 * N,
+              "int4": N * K / 2 + 3 * N * K / group_size}[fmt]  # int4: bf16 scale + uint8 zero per group
+    return weight + 2 * M * K + 2 * M * N
+
+
+def bench_linears(shapes: dict[str, tuple[int, int]], token_counts: list[int], *, device="cuda", seed: int = 0,
+                  kernel_max_m: int = 256, tinygemm_max_m: int = 1024, progress=None):
+    """Median time of each linear shape at each token count M, per method (same run, same inputs):
+    bf16 (cuBLAS), fp8 (row-wise, activation quantization included), int4 kernel, int4 dispatch, tinygemm."""
+    from repro_utils.bench import time_fn
+
+    def timed(fn, *args):
+        return time_fn(partial(fn, *args), warmup=10, rep=40).ms
+
+    rows = []
+    g = torch.Generator(device=device).manual_seed(seed)
+    todo = [(name, K, N, M) for name, (K, N) in shapes.items() for M in token_counts]
+    weights = {}
+    for name, K, N, M in (progress(todo) if progress else todo):
+        if (K, N) not in weights:
+            weights.clear()
+            torch.cuda.empty_cache()
+            W = torch.randn(N, K, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+            qw = rtn(W, 4, 128)
+            wq, ws = fp8_rowwise(W)
+            weights[(K, N)] = (W, Int4Weight.from_qweight(qw), tinygemm_pack(qw), wq, ws.t().contiguous())
+        W, w4, (tg, sz), wq, ws = weights[(K, N)]
+        x = torch.randn(M, K, generator=g, device=device, dtype=torch.bfloat16)
+        t = {"bf16": timed(F.linear, x, W), "fp8": timed(fp8_linear, x, wq, ws),
+             "int4_dispatch": timed(int4_linear, x, w4)}
+        if M <= kernel_max_m:
+            try:
+                t["int4_kernel"] = timed(int4_matmul, x, w4)
+            except Exception as e:  # noqa: BLE001 - reported and left out of the table, not fatal
+                print(f"int4 kernel failed at {name}, M={M}: {type(e).__name__}: {str(e)[:200]}")
+        if M <= tinygemm_max_m:
+            t["tinygemm"] = timed(tinygemm_linear, x, tg, sz, 128)
+        rows.append({"layer": name, "K": K, "N": N, "M": M, **{f"ms_{k}": v for k, v in t.items()}})
+    return rows
+
+
+def time_decode(model: SpeedLlama, steps: int, pos: int = 512) -> float:
+    """Milliseconds per decoded token (batch 1), one CUDA graph per step replayed ``steps`` times."""
+    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    p = torch.full((1,), pos, dtype=torch.long, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+            model.decode_step(tok, p)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.decode_step(tok, p)
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del graph
+    return start.elapsed_time(end) / steps
+
+
+def time_prefill(model: SpeedLlama, batch: int, seq: int, reps: int = 3) -> float:
+    """Milliseconds for one prefill of ``batch`` sequences of ``seq`` tokens (median of ``reps``)."""
+    tokens = torch.randint(0, model.cfg.vocab, (batch, seq), device="cuda")
+    model.prefill(tokens)  # warm-up
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model.prefill(tokens)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
