@@ -1,0 +1,729 @@
+"""The nanoGPT speedrun's ingredients, small enough to read in one sitting.
+
+What chapter 01 studies, in the order the notebook shows it:
+
+1. ``GPT``: a GPT-2 whose architecture changes are switches (``GPTConfig``): RMSNorm, rotary positions,
+   QK-norm, ReLU², zero-initialised projections, an untied head. With every switch off it is the
+   llm.c / nanoGPT GPT-2; with every switch on it is the 124M model of the modded-nanogpt records of
+   October-November 2024 (KellerJordan/modded-nanogpt, records/track_1_short/2024-10-14_ModernArch and
+   2024-11-03_UntieEmbed).
+2. ``newton_schulz``: the quintic Newton-Schulz iteration with coefficients (3.4445, -4.7750, 2.0315),
+   in bfloat16, after Frobenius normalisation (KellerJordan/Muon, ``muon.py``).
+3. ``Muon``: SGD with Nesterov momentum whose update is orthogonalised by ``newton_schulz``; on several
+   processes each rank orthogonalises a share of the matrices and they are gathered.
+4. ``split_params`` / ``build_optimizers``: Muon for the 2-D matrices inside the blocks; AdamW for the
+   embeddings, the head and every gain and bias.
+5. ``train``: one training run, the same code on one process or under
+   ``torchrun --nproc_per_node=N muon_speedrun.py ...`` (DDP; gloo on CPU, NCCL on GPU).
+6. ``tokens_to_target`` / ``budget_to_target``: how many tokens a run needs to reach a target loss.
+7. ``bench_step``: the step time of the 124M model, plain GPT-2 + AdamW against the modern one + Muon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The model
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    seq_len: int = 1024
+    # The ladder: each switch is one change the speedrun records adopted. All off = llm.c's GPT-2.
+    rmsnorm: bool = False  # parameter-free RMSNorm and no biases (GPT-2: LayerNorm with gain/bias, biased linears)
+    rotary: bool = False  # rotary position embeddings on q, k (GPT-2: learned absolute positions)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    relu2: bool = False  # ReLU(x)² in the MLP (GPT-2: GELU)
+    zero_init: bool = False  # the two output projections of each block start at zero
+    untied: bool = False  # input embedding and output head are separate matrices; head starts at zero
+
+
+# The rungs of the ladder, each adding one change to the one above (the record that adopted it in brackets).
+LADDER = [
+    ("GPT-2 (llm.c)", {}),
+    ("+ RMSNorm, no biases", dict(rmsnorm=True)),  # 10/04/24 README: "rotary embeddings and RMSNorm"
+    ("+ rotary", dict(rotary=True)),  # record 2, 06/06/24
+    ("+ QK-norm", dict(qk_norm=True)),  # record 5, 10/14/24
+    ("+ ReLU²", dict(relu2=True)),  # record 5
+    ("+ zero-init projections", dict(zero_init=True)),  # record 5
+    ("+ untied head", dict(untied=True)),  # record 8, 11/03/24
+]
+MODERN = dict(rmsnorm=True, rotary=True, qk_norm=True, relu2=True, zero_init=True, untied=True)
+
+
+def ladder_configs(base: GPTConfig) -> list[tuple[str, GPTConfig]]:
+    """[(rung name, config)], each rung with every change of the rungs above it."""
+    out, flags = [], {}
+    for name, change in LADDER:
+        flags.update(change)
+        out.append((name, replace(base, **flags)))
+    return out
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Norm(nn.Module):
+    """LayerNorm with gain and bias (GPT-2), or RMSNorm with no parameters (the records)."""
+
+    def __init__(self, dim: int, rms: bool):
+        super().__init__()
+        self.ln = None if rms else nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return rms_norm(x) if self.ln is None else self.ln(x)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, (seq_len, head_dim / 2) each (Su et al. 2021, RoFormer eq. 34)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x1_i, x2_i) of a head by its position's angle. x: (B, T, nh, hd)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos[None, : x.size(1), None, :], sin[None, : x.size(1), None, :]  # (1, T, 1, hd/2)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.cfg, self.n_head, self.head_dim = cfg, cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=not cfg.rmsnorm)
+        self.qkv.weight.ns_chunks = 3  # Muon orthogonalises W_q, W_k, W_v separately, as the records do
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=not cfg.rmsnorm)
+        self.proj.residual = True
+        if cfg.rotary:
+            cos, sin = rotary_tables(cfg.seq_len, self.head_dim)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each (B, T, nh, hd)
+        if self.cfg.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if self.cfg.rotary:
+            q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)  # (B, nh, T, hd), a fused kernel where one exists
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.relu2 = cfg.relu2
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=not cfg.rmsnorm)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=not cfg.rmsnorm)
+        self.proj.residual = True
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")  # ReLU²: So et al. 2021, Primer
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1, self.attn = Norm(cfg.n_embd, cfg.rmsnorm), CausalSelfAttention(cfg)
+        self.norm2, self.mlp = Norm(cfg.n_embd, cfg.rmsnorm), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = None if cfg.rotary else nn.Embedding(cfg.seq_len, cfg.n_embd)
+        self.embed_norm = Norm(cfg.n_embd, cfg.rmsnorm) if cfg.untied else None  # record 8 norms the embedding
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = Norm(cfg.n_embd, cfg.rmsnorm)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if not cfg.untied:
+            self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        self.apply(self._init)
+
+    def _init(self, m):
+        # GPT-2 / nanoGPT: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer) (GPT-2 paper, §2.3)
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(m, "residual", False) else 0.02
+            nn.init.normal_(m.weight, 0.0, std)
+            if getattr(m, "residual", False) and self.cfg.zero_init:
+                nn.init.zeros_(m.weight)  # records 5+: "zero init suggested by @Grad62304977"
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if m is self.lm_head and self.cfg.untied:
+                nn.init.zeros_(m.weight)  # record 8: "init head to zero"
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy. idx, targets: (B, T) int64."""
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.loss(x, targets)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V), the softmax in fp32
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matrix multiply per token: the blocks' and the head's (not the lookups)."""
+        return sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 N + 12 L d T (PaLM, Chowdhery et al. 2022, App. B), N = matmul parameters."""
+    c = model.cfg
+    return 6 * model.matmul_params() + 12 * c.n_layer * c.n_embd * c.seq_len
+
+
+def compile_regions(model: GPT) -> GPT:
+    """Regional compilation: every block shares one compiled graph (compile time of one block, not twelve).
+    Static shapes: a model of another size gets its own kernels, never slower shape-generic ones."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+    model.loss = torch.compile(model.loss, dynamic=False)  # the head and the cross-entropy: one fused graph
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Newton-Schulz and Muon
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # KellerJordan/Muon, muon.py: chosen to maximise the slope at zero
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for G = U S V^T, batched over leading dimensions, in bfloat16.
+
+    Each step applies the odd polynomial p(x) = a x + b x^3 + c x^5 to every singular value at once:
+    X <- a X + b (X X^T) X + c (X X^T)^2 X. Dividing by the Frobenius norm first puts every singular
+    value in [0, 1]; five steps of p push them into roughly [0.7, 1.2] instead of exactly 1.
+    """
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT  # iterate on the wide side: X X^T is the smaller Gram matrix
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # ||X||_2 <= ||X||_F = 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5) -> list[torch.Tensor]:
+    """Newton-Schulz on every matrix (a matrix with k chunks is k stacked matrices), scaled by
+    sqrt(max(1, rows/cols)) as in the records. Pieces of the same shape share one batched call."""
+    groups = defaultdict(list)  # (short side, long side) -> [(matrix index, chunk index, transposed, piece)]
+    for i, (G, k) in enumerate(zip(mats, chunks)):
+        for j, piece in enumerate(G.view(k, -1, G.size(-1)).unbind(0)):
+            tall = piece.size(0) > piece.size(1)
+            groups[tuple(sorted(piece.shape))].append((i, j, tall, piece.mT if tall else piece))
+    out = [torch.empty_like(G) for G in mats]
+    for entries in groups.values():
+        ortho = newton_schulz(torch.stack([e[3] for e in entries]), steps)
+        for (i, j, tall, _), o in zip(entries, ortho):
+            o = o.mT if tall else o
+            out[i].view(chunks[i], -1, mats[i].size(-1))[j].copy_(o * max(1.0, o.size(0) / o.size(1)) ** 0.5)
+    return out
+
+
+def ns_singular_values(kept: list[tuple[torch.Tensor, torch.Tensor]], device="cpu", steps: int = 5) -> dict:
+    """Singular values of the matrices Muon orthogonalised at one step (``Muon.kept``), piece by piece as
+    ``orthogonalize`` sees them: 'input' (divided by the piece's Frobenius norm) and 'output' (after NS)."""
+    s_in, s_out = [], []
+    for p, G in kept:
+        for piece in G.view(getattr(p, "ns_chunks", 1), -1, G.size(-1)).unbind(0):
+            s_in.append(torch.linalg.svdvals(piece / piece.norm()))
+            s_out.append(torch.linalg.svdvals(newton_schulz(piece.to(device), steps).float().cpu()))
+    return dict(input=torch.cat(s_in).numpy(), output=torch.cat(s_out).numpy())
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024), for 2-D hidden matrices only.
+
+    B_t = mu B_{t-1} + G_t;  G'_t = G_t + mu B_t (Nesterov);  W_t = W_{t-1} - lr * NS5(G'_t).
+    On several processes (torch.distributed), matrices of each shape are dealt out round-robin: each
+    rank orthogonalises its share, then all_gather hands every rank every updated matrix.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0):
+        params = list(params)
+        if not params or any(p.ndim != 2 for p in params):
+            raise ValueError("Muon takes a non-empty list of 2-D matrices; give embeddings, head, gains and biases to AdamW")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+        self.keep_inputs = False  # when True, the next step keeps (param, NS input) pairs in self.kept
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        rank, world = rank_world()
+        for group in self.param_groups:
+            by_shape = defaultdict(list)
+            for p in group["params"]:
+                by_shape[tuple(p.shape)].append(p)
+            mine = [p for ps in by_shape.values() for p in ps[rank::world]]  # my share: index % world == rank
+            inputs = []
+            for p in mine:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g)  # B_t = mu B_{t-1} + G_t
+                inputs.append(g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf.clone())
+            if self.keep_inputs:
+                self.kept = [(p, G.detach().float().cpu()) for p, G in zip(mine, inputs)]
+                self.keep_inputs = False
+            updates = orthogonalize(inputs, [getattr(p, "ns_chunks", 1) for p in mine], group["ns_steps"])
+            for p, u in zip(mine, updates):
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(u, alpha=-group["lr"])
+            if world > 1:  # gather: chunk i of each shape holds params i*world ... i*world + world - 1
+                for ps in by_shape.values():
+                    for i in range(0, len(ps), world):
+                        chunk = list(ps[i:i + world])
+                        chunk += [torch.empty_like(chunk[0]) for _ in range(world - len(chunk))]
+                        dist.all_gather(chunk, chunk[rank])
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Which parameter goes to which optimizer
+
+
+def split_params(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """'hidden': the 2-D matrices inside the blocks (Muon's); 'embed_head': embeddings and output head;
+    'gains_biases': every 1-D parameter (LayerNorm gains and biases, linear biases)."""
+    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    gains_biases = [p for p in model.parameters() if p.ndim < 2]
+    taken = {id(p) for p in hidden + gains_biases}
+    embed_head = [p for p in model.parameters() if id(p) not in taken]  # parameters() lists a tied matrix once
+    return dict(hidden=hidden, embed_head=embed_head, gains_biases=gains_biases)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    optimizer: str = "muon"  # what trains the hidden matrices: "muon" or "adamw"
+    lr: float = 0.02  # Muon's lr, or AdamW's lr for the hidden matrices
+    adam_lr: float = 0.0018  # AdamW lr for gains and biases (and the hidden matrices when optimizer="adamw": lr)
+    embed_lr: float = 0.0036  # AdamW lr for embeddings and head (records: 0.0036)
+    momentum: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0  # the records: zero; llm.c: 0.1 on matrices
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per step on each process
+    tokens: int = 2**22  # training budget
+    schedule: str = "trapezoid"  # "trapezoid" (records: constant, then linear warmdown) or "cosine" (llm.c)
+    warmup_frac: float = 0.0
+    warmdown_frac: float = 1450 / 5100  # the records' 1450 warmdown steps of 5100
+    eval_every: int = 32  # steps; 0: only at the end
+    eval_tokens: int = 65536
+    seed: int = 0
+    compile: bool = False
+    keep_ns_inputs_at: float | None = None  # fraction of the run at which Muon keeps its NS inputs
+
+
+def build_optimizers(model: GPT, run: RunConfig) -> list[torch.optim.Optimizer]:
+    groups = split_params(model)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    wd = run.weight_decay
+    if run.optimizer == "adamw":
+        adam_groups = [dict(params=groups["hidden"], lr=run.lr, weight_decay=wd),
+                       dict(params=groups["embed_head"], lr=run.embed_lr, weight_decay=wd),
+                       dict(params=groups["gains_biases"], lr=run.lr, weight_decay=0.0)]
+        return [torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=run.betas, eps=1e-8, **fused)]
+    if run.optimizer == "muon":
+        adam_groups = [dict(params=groups["embed_head"], lr=run.embed_lr, weight_decay=wd),
+                       dict(params=groups["gains_biases"], lr=run.adam_lr, weight_decay=0.0)]
+        adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=run.betas, eps=1e-8, **fused)
+        return [adam, Muon(groups["hidden"], lr=run.lr, momentum=run.momentum, weight_decay=wd)]
+    raise ValueError(f"optimizer must be 'muon' or 'adamw', not {run.optimizer!r}")
+
+
+def lr_factor(step: int, steps: int, run: RunConfig) -> float:
+    """Multiplier of every base learning rate at ``step`` (0-based) of ``steps``."""
+    warmup = round(run.warmup_frac * steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if run.schedule == "cosine":  # llm.c: cosine from 1 to 0 after warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    warmdown = round(run.warmdown_frac * steps)
+    return 1.0 if step < steps - warmdown else (steps - step) / warmdown
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Data
+
+
+class TokenBatches:
+    """Non-overlapping sequences of a token array, shuffled once per epoch; the same order for a seed on
+    every process, so N processes that each take their slice see exactly the one-process global batch."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.n_seqs = (len(tokens) - 1) // seq_len
+        if self.n_seqs < batch_size:
+            raise ValueError(f"{len(tokens)} tokens hold {self.n_seqs} sequences of {seq_len}, fewer than a batch of {batch_size}")
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos, self.epoch = torch.randperm(self.n_seqs, generator=self.gen), 0, 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next global batch: x, y of shape (batch_size, seq_len), y = x shifted by one token."""
+        if self.pos + self.batch_size > self.n_seqs:
+            self.order, self.pos, self.epoch = torch.randperm(self.n_seqs, generator=self.gen), 0, self.epoch + 1
+        starts = self.order[self.pos:self.pos + self.batch_size].numpy() * self.seq_len
+        self.pos += self.batch_size
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        chunk = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def val_sequences(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n_tokens of the validation tokens as (n, seq_len) inputs and targets: a fixed set for every eval."""
+    n = max(1, min(n_tokens, len(tokens) - 1) // seq_len)
+    arr = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1], dtype=np.int64))
+    return arr[:-1].view(n, seq_len), arr[1:].view(n, seq_len)
+
+
+def shrink_vocab(train: np.ndarray, val: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the size-1 most frequent training tokens as ids 0..size-2; every other token becomes size-1.
+
+    Only for CPU smoke runs: a 50k-entry head dominates a tiny model's step on two cores."""
+    counts = np.bincount(np.asarray(train), minlength=65536)
+    keep = np.argsort(-counts, kind="stable")[: size - 1]
+    table = np.full(65536, size - 1, dtype=np.uint16)
+    table[keep] = np.arange(size - 1, dtype=np.uint16)
+    return table[np.asarray(train)], table[np.asarray(val)]
+
+
+FINEWEB_REPO = "kjj0/fineweb10B-gpt2"  # the speedrun's pre-tokenized FineWeb (data/cached_fineweb10B.py)
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """One llm.c / modded-nanogpt token shard: a 256 x int32 header (magic 20240520, version 1, n tokens),
+    then n uint16 GPT-2 tokens."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if header[0] != 20240520 or header[1] != 1:
+        raise ValueError(f"{path}: not a version-1 llm.c token shard (magic {header[0]}, version {header[1]})")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=256 * 4)
+    if len(tokens) != header[2]:
+        raise ValueError(f"{path}: header says {header[2]} tokens, the file holds {len(tokens)}")
+    return tokens
+
+
+def fineweb_tokens(split: str, n_tokens: int) -> np.ndarray:
+    """FineWeb-10B GPT-2 tokens through huggingface_hub (100 M tokens a shard; val: the first shard's)."""
+    from huggingface_hub import hf_hub_download
+
+    if split == "val":
+        return np.asarray(read_shard(hf_hub_download(FINEWEB_REPO, "fineweb_val_000000.bin", repo_type="dataset"))[:n_tokens])
+    parts, have, i = [], 0, 1
+    while have < n_tokens:
+        shard = read_shard(hf_hub_download(FINEWEB_REPO, f"fineweb_train_{i:06d}.bin", repo_type="dataset"))
+        parts.append(np.asarray(shard[: n_tokens - have]))
+        have, i = have + len(parts[-1]), i + 1
+    return np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training
+
+
+@dataclass
+class History:
+    name: str
+    tokens: list[int] = field(default_factory=list)  # tokens seen at each evaluation
+    val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)  # mean train loss since the previous evaluation
+    final_val: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    epochs: float = 0.0  # passes over the training tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, device, batch: int = 64) -> float:
+    """Mean validation loss on fixed sequences; with several processes each takes a share, then all_reduce."""
+    rank, world = rank_world()
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x tokens, tokens)
+    for i in range(rank * batch, len(xv), batch * world):
+        x, y = xv[i:i + batch].to(device), yv[i:i + batch].to(device)
+        with autocast(device):
+            total += torch.tensor([model(x, y).item() * y.numel(), y.numel()], device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def autocast(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp32 on the CPU
+
+
+def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val_tokens: np.ndarray, *,
+          device="cpu", name: str = "", keep_first_grads: bool = False, progress=None):
+    """Train one model from scratch; returns (History, model, optimizers).
+
+    The same code runs on one process and under torchrun (DDP): each of the N processes takes its
+    1/N slice of every global batch, DDP averages the gradients, Muon shares its Newton-Schulz work.
+    """
+    rank, world = rank_world()
+    device = torch.device(device)
+    micro = run.batch_size // (world * run.grad_accum)
+    if micro * world * run.grad_accum != run.batch_size:
+        raise ValueError(f"batch_size {run.batch_size} is not divisible by {world} processes x {run.grad_accum} micro-batches")
+    steps = run.tokens // (run.batch_size * model_cfg.seq_len)
+    if steps < 1:
+        raise ValueError(f"a budget of {run.tokens} tokens is less than one batch of {run.batch_size} x {model_cfg.seq_len}")
+    torch.manual_seed(run.seed)  # the same initial weights on every process
+    model = GPT(model_cfg).to(device)
+    if run.compile:
+        compile_regions(model)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    opts = build_optimizers(model, run)
+    base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
+    muon = next((o for o in opts if isinstance(o, Muon)), None)
+    keep_step = None if run.keep_ns_inputs_at is None else min(steps - 1, int(run.keep_ns_inputs_at * steps))
+    batches = TokenBatches(train_tokens, model_cfg.seq_len, run.batch_size, run.seed)
+    xv, yv = val_sequences(val_tokens, model_cfg.seq_len, run.eval_tokens)
+    hist, first_grads = History(name=name, steps=steps), None
+    tokens_per_step = run.batch_size * model_cfg.seq_len
+    losses = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        if step == steps or (run.eval_every and step % run.eval_every == 0):
+            sync()
+            t_eval = time.perf_counter()
+            hist.tokens.append(step * tokens_per_step)
+            hist.val_loss.append(evaluate(model, xv, yv, device))  # the bare model: no DDP hooks
+            hist.train_loss.append(torch.stack(losses).mean().item() if losses else None)
+            losses = []
+            t0 += time.perf_counter() - t_eval  # evaluations are not training time
+            if step == steps:
+                break
+        x, y = batches.next()
+        mine = slice(rank * micro * run.grad_accum, (rank + 1) * micro * run.grad_accum)
+        x, y = x[mine], y[mine]
+        for o, lrs in zip(opts, base_lrs):
+            for g, lr in zip(o.param_groups, lrs):
+                g["lr"] = lr * lr_factor(step, steps, run)
+        for m in range(run.grad_accum):
+            xm, ym = x[m * micro:(m + 1) * micro].to(device), y[m * micro:(m + 1) * micro].to(device)
+            last = m == run.grad_accum - 1
+            with (contextlib.nullcontext() if last or world == 1 else net.no_sync()), autocast(device):
+                loss = net(xm, ym) / run.grad_accum
+            loss.backward()
+            losses.append(loss.detach() * run.grad_accum)
+        if keep_first_grads and step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        if muon is not None and step == keep_step:
+            muon.keep_inputs = True
+        for o in opts:
+            o.step()
+        net.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress.update(1)
+    sync()
+    hist.seconds = time.perf_counter() - t0
+    hist.final_val = hist.val_loss[-1]
+    hist.epochs = steps * tokens_per_step / len(train_tokens)
+    if keep_first_grads:
+        hist.first_grads = first_grads
+    return hist, model, opts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Tokens to a target loss
+
+
+def tokens_to_target(tokens: list[float], losses: list[float], target: float) -> float | None:
+    """Tokens at which a loss curve first reaches ``target`` (linear between evaluations); None if never."""
+    for i, loss in enumerate(losses):
+        if loss <= target:
+            if i == 0:
+                return float(tokens[0])
+            t0, t1, l0, l1 = tokens[i - 1], tokens[i], losses[i - 1], loss
+            return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
+    return None
+
+
+def budget_to_target(budgets: list[float], finals: list[float], target: float) -> tuple[float, str]:
+    """The budget whose run (with its own full schedule) would end at ``target``: linear interpolation in
+    log(budget) between the runs that bracket it; outside them, extrapolation from the two nearest runs.
+    Returns (budget, 'interpolated' | 'extrapolated'). This is how the records compare: the shortest
+    schedule that reaches the target, not where a longer run happens to cross it."""
+    pts = sorted(zip(budgets, finals))
+    if len(pts) < 2:
+        raise ValueError("need runs at two budgets or more")
+    for (b0, l0), (b1, l1) in zip(pts, pts[1:]):
+        if min(l0, l1) <= target <= max(l0, l1) and l0 != l1:
+            return math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * (l0 - target) / (l0 - l1)), "interpolated"
+    (b0, l0), (b1, l1) = (pts[-2], pts[-1]) if target < pts[-1][1] else (pts[0], pts[1])
+    if l0 == l1:
+        return float("nan"), "extrapolated"
+    return math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * (l0 - target) / (l0 - l1)), "extrapolated"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Step time of the 124M model
+
+
+def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimizers=("adamw", "muon"),
+               compile: bool = True, timer=None) -> dict:
+    """Time one training step of ``cfg`` at ``accum`` micro-batches of ``micro_batch`` sequences.
+
+    A step is accum x (forward + backward) then each optimizer's step; both are timed apart with the
+    same timer (``repro_utils.bench.time_fn``: do_bench on CUDA) so the optimizers share one compiled model.
+    Returns ms per micro-batch, ms per optimizer step, ms per step, tokens/s and model TFLOP/s.
+    """
+    from repro_utils.bench import time_fn
+
+    timer = timer or time_fn
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    if compile:
+        torch._dynamo.reset()  # compile from scratch: no graphs left over from the training runs
+        compile_regions(model)
+    x = torch.randint(0, min(cfg.vocab_size, 50257), (micro_batch, cfg.seq_len), device=device)
+    y = torch.randint(0, min(cfg.vocab_size, 50257), (micro_batch, cfg.seq_len), device=device)
+
+    def fwd_bwd():
+        with autocast(device):
+            model(x, y).backward()
+
+    t0 = time.perf_counter()
+    fwd_bwd()  # the first call compiles
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out = dict(compile_s=time.perf_counter() - t0, micro_ms=timer(fwd_bwd).ms, tokens_per_step=accum * micro_batch * cfg.seq_len,
+               flops_per_token=flops_per_token(model), params=sum(p.numel() for p in model.parameters()))
+    for name in optimizers:
+        opts = build_optimizers(model, RunConfig(optimizer=name, lr=0.02 if name == "muon" else 0.0018))
+
+        def opt_step(opts=opts):
+            for o in opts:
+                o.step()
+
+        opt_step()  # create the optimizer state outside the timing
+        out[f"opt_ms_{name}"] = timer(opt_step).ms
+        step_ms = accum * out["micro_ms"] + out[f"opt_ms_{name}"]
+        out[f"step_ms_{name}"] = step_ms
+        out[f"tokens_per_s_{name}"] = out["tokens_per_step"] / step_ms * 1e3
+        out[f"tflops_{name}"] = out[f"tokens_per_s_{name}"] * out["flops_per_token"] / 1e12
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchrun entry point: the same train() under DDP
+
+
+PRESETS = {
+    "tiny": dict(model=GPTConfig(n_layer=2, n_head=2, n_embd=64, seq_len=32), batch_size=8, tokens=8 * 32 * 3),
+    "small": dict(model=GPTConfig(n_layer=6, n_head=6, n_embd=384, seq_len=512), batch_size=16, tokens=2**22),
+    "124M": dict(model=GPTConfig(n_layer=12, n_head=6, n_embd=768, seq_len=1024), batch_size=512, tokens=5100 * 2**19),
+}
+
+
+def main(argv=None) -> None:
+    """``torchrun --nproc_per_node=N muon_speedrun.py --preset small --optimizer muon [--out f.pt]``"""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--arch", choices=["gpt2", "modern"], default="modern")
+    ap.add_argument("--data", choices=["local", "fineweb", "random"], default="local")
+    ap.add_argument("--out", default=None, help="rank 0 saves the history, first gradients and final weights here")
+    a = ap.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = rank_world()[0]
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    p = PRESETS[a.preset]
+    cfg = replace(p["model"], **(MODERN if a.arch == "modern" else {}))
+    tokens = a.tokens or p["tokens"]
+    run = RunConfig(optimizer=a.optimizer, lr=a.lr or (0.02 if a.optimizer == "muon" else 0.0018),
+                    batch_size=p["batch_size"], grad_accum=a.grad_accum, tokens=tokens, eval_every=0,
+                    eval_tokens=4 * cfg.seq_len, compile=cuda)
+    if a.data == "random":  # a fixed random stream: enough for checking that N processes = one process
+        g = np.random.default_rng(0)
+        train_toks, val_toks = g.integers(0, 50257, 200_000).astype(np.uint16), g.integers(0, 50257, 20_000).astype(np.uint16)
+    elif a.data == "fineweb":
+        train_toks, val_toks = fineweb_tokens("train", tokens), fineweb_tokens("val", 10 * 2**20)
+    else:
+        from repro_utils.data import tokens as corpus_tokens
+
+        train_toks, val_toks = corpus_tokens("train"), corpus_tokens("val")
+    hist, model, _ = train(cfg, run, train_toks, val_toks, device=device, keep_first_grads=a.out is not None)
+    if rank == 0:
+        print(f"world {world} · {hist.steps} steps · final val loss {hist.final_val:.4f} · {hist.seconds:.1f} s")
+        if a.out:
+            torch.save(dict(history=hist.to_dict(), first_grads={k: v.cpu() for k, v in hist.first_grads.items()},
+                            params={k: v.detach().cpu() for k, v in model.state_dict().items()}), a.out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
