@@ -1,0 +1,511 @@
+"""GRPO on verifiable rewards: the code that chapter 02 studies.
+
+The trainer is TRL's ``GRPOTrainer`` (trl 1.16); this module holds what the chapter wraps around it and what the
+library hides:
+
+1. the task and its verifier: reasoning-gym problems, worked solutions for supervised warm-up, and reasoning-gym's own
+   scorer as the reward (``make_problems``, ``worked_solution``, ``score``, ``make_reward_fn``);
+2. the policy when the hub is out of reach: a character tokenizer and a small Llama that the chapter trains itself
+   (``char_tokenizer``, ``tiny_policy``, ``sft``); and the hub path (``load_hub_policy``, ``gsm8k_problems``);
+3. the GRPO math, written from the papers, to be compared with TRL's numbers: the group advantage
+   (``group_advantages``), the clipped surrogate with its KL term (``grpo_loss``), and a check that both equal what
+   TRL computes inside a real step (``check_against_trl``);
+4. the measurement: sampling, the unbiased pass@k estimator of Chen et al. (2021) (``pass_at_k``), bootstrap
+   intervals, and a callback that splits each GRPO step into generation and training time (``StepClock``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import string
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The task and its verifier
+# ---------------------------------------------------------------------------------------------------------------
+
+# reasoning-gym's chain_sum: "State the final answer to the following arithmetic problem: 123 + 45 - 678 =".
+# 2-4 terms of 1-3 digits: a small model learns most of it from worked solutions, not all (carries, borrows).
+TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=3)}
+# The answer format reasoning-gym's own prompts ask for, read back by reasoning_gym.utils.extract_answer.
+INSTRUCTION = "Give the final answer as <answer>NUMBER</answer>."
+
+
+def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] | frozenset = frozenset()) -> list[dict]:
+    """``n`` reasoning-gym problems (dicts with question, answer, metadata), none whose question is in ``exclude``."""
+    import reasoning_gym
+
+    out: list[dict] = []
+    size = n
+    while len(out) < n:  # overshoot, then drop excluded questions (held-out sets must not repeat training ones)
+        ds = reasoning_gym.create_dataset(task, size=size + len(exclude) // 4 + 8, seed=seed, **TASKS[task])
+        out = [e for e in ds if e["question"] not in exclude][:n]
+        size *= 2
+    return out
+
+
+def worked_solution(entry: dict) -> str:
+    """The step-by-step solution the small policy imitates before RL: ``12+34=46\\n46-5=41\\n<answer>41</answer>``."""
+    tokens = entry["metadata"]["expression"].split()
+    acc, lines = int(tokens[0]), []
+    for op, x in zip(tokens[1::2], tokens[2::2]):
+        new = acc + int(x) if op == "+" else acc - int(x)
+        lines.append(f"{acc}{op}{x}={new}")
+        acc = new
+    assert str(acc) == entry["answer"], (entry, acc)
+    return "\n".join(lines) + f"\n<answer>{entry['answer']}</answer>"
+
+
+def prompt_of(entry: dict) -> str:
+    """What the small policy sees: reasoning-gym's question, verbatim, and a newline."""
+    return entry["question"] + "\n"
+
+
+@functools.cache
+def _scorer(source: str):
+    from reasoning_gym import get_score_answer_fn
+
+    return get_score_answer_fn(source)
+
+
+def score(completion: str, entry: dict) -> float:
+    """reasoning-gym's verdict: extract ``<answer>..</answer>``, then the task's own ``score_answer``.
+
+    1.0 for a correct answer; 0.0 for a wrong or missing one. (chain_sum's scorer gives partial credit
+    len(oracle)/len(answer) when the oracle is a substring of a wrong answer: "4" in "41" scores 0.5.)
+    """
+    from reasoning_gym.utils import compute_decimal_reward, extract_answer
+
+    answer = extract_answer(completion)
+    source = entry["metadata"]["source_dataset"]
+    if source == "gsm8k":  # not a reasoning-gym task: its numeric scorer on GSM8K's final answer
+        return float(compute_decimal_reward(answer, oracle_answer=entry["answer"]))
+    return float(_scorer(source)(answer, entry))
+
+
+def reference_length(entry: dict) -> float:
+    """Tokens of the worked solution plus eos, for the character tokenizer (NaN where the task has none)."""
+    if entry["metadata"]["source_dataset"] != "chain_sum":
+        return float("nan")
+    return float(len(worked_solution(entry)) + 1)
+
+
+def make_reward_fn(log: list):
+    """A TRL reward function ``(completions, completion_ids, entry, **kwargs) -> list[float]`` that scores with
+    reasoning-gym and appends, for each generation batch, the step, the completion lengths (tokens), the lengths of
+    the problems' worked solutions and the rewards to ``log``: the record behind the length-bias plots."""
+
+    def reasoning_gym_reward(completions, completion_ids, entry, trainer_state=None, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or chat completions
+        entries = [json.loads(e) for e in entry]
+        rewards = [score(t, e) for t, e in zip(texts, entries)]
+        log.append({"step": trainer_state.global_step if trainer_state is not None else len(log),
+                    "lengths": [len(ids) for ids in completion_ids],
+                    "ref_lengths": [reference_length(e) for e in entries], "rewards": rewards})
+        return rewards
+
+    return reasoning_gym_reward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The policy
+# ---------------------------------------------------------------------------------------------------------------
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII: 99 tokens, one per character, plus pad/eos/unk."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    chars = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space; newline
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: each character is a token
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_policy(tokenizer, d_model: int = 256, n_layers: int = 4, seed: int = 0):
+    """A small Llama (RoPE, RMSNorm, SwiGLU) for the offline path, initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=4 * d_model,
+                      num_hidden_layers=n_layers, num_attention_heads=max(1, d_model // 64),
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def encode_sft(tokenizer, entries: list[dict], device="cpu"):
+    """Tokenize prompt + worked solution + eos once, right-padded: (input_ids, attention_mask, labels), where labels
+    are -100 on the prompt and the padding (the prompt is context, not a target)."""
+    prompts = tokenizer([prompt_of(e) for e in entries])["input_ids"]
+    sols = tokenizer([worked_solution(e) for e in entries])["input_ids"]
+    T = max(len(p) + len(c) + 1 for p, c in zip(prompts, sols))
+    x = torch.full((len(entries), T), tokenizer.pad_token_id)
+    y = torch.full((len(entries), T), -100)
+    for i, (p, c) in enumerate(zip(prompts, sols)):
+        c = c + [tokenizer.eos_token_id]
+        x[i, :len(p) + len(c)] = torch.tensor(p + c)
+        y[i, len(p):len(p) + len(c)] = torch.tensor(c)
+    return x.to(device), (x != tokenizer.pad_token_id).long().to(device), y.to(device)
+
+
+def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: float, seed: int = 0,
+        device="cpu", callback=None, every: int = 0) -> list[float]:
+    """Supervised warm-up on worked solutions (AdamW, linear warm-up then cosine decay). Returns the losses.
+
+    ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there)."""
+    model.to(device).train()
+    X, M, Y = encode_sft(tokenizer, pool, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    gen = torch.Generator().manual_seed(seed)
+    use_bf16 = str(device).startswith("cuda")
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(X), (batch_size,), generator=gen).to(X.device)
+        T = int(M[idx].sum(1).max())                                  # trim the batch to its longest sequence
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=X[idx, :T], attention_mask=M[idx, :T], labels=Y[idx, :T]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if callback is not None and every and (step + 1) % every == 0:
+            callback(step + 1)
+            model.train()
+    return [float(v) for v in torch.stack(losses).cpu()] if losses else []
+
+
+# The online path (full profile, hub reachable): an instruct model and GSM8K. Not run on the offline H100.
+HUB_POLICIES = ("Qwen/Qwen2.5-0.5B-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct")
+
+
+def load_hub_policy(name: str):
+    """An instruct model and its tokenizer from the Hugging Face hub (bf16 weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
+    return model, tokenizer
+
+
+def gsm8k_problems(split: str, n: int) -> list[dict]:
+    """GSM8K through ``datasets``, shaped like reasoning-gym entries (the final answer follows '####')."""
+    import datasets
+
+    ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
+    return [{"question": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", ""),
+             "metadata": {"source_dataset": "gsm8k"}} for r in ds.select(range(min(n, len(ds))))]
+
+
+def chat_prompt(entry: dict) -> list[dict]:
+    """The conversational prompt an instruct model gets (TRL applies its chat template)."""
+    return [{"role": "user", "content": entry["question"] + "\n" + INSTRUCTION}]
+
+
+def grpo_trainer(policy: str, tokenizer, rows: list[dict], reward_fn, *, loss_type: str, steps: int,
+                 group_size: int, prompts_per_step: int, lr: float, beta: float, max_completion_length: int,
+                 seed: int, output_dir: str, cuda: bool):
+    """TRL's GRPOTrainer with every field this chapter sets. ``policy``: a hub id or a folder written by
+    ``save_pretrained`` (TRL loads the reference model from the same path when beta > 0).
+
+    rows: {"prompt": str or chat messages, "entry": json of the reasoning-gym problem} per training prompt.
+    loss_type "grpo" pairs with std scaling of the rewards (DeepSeekMath); "dr_grpo" with none (Dr. GRPO).
+    """
+    import datasets
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=output_dir, seed=seed, max_steps=steps, report_to=[], save_strategy="no", logging_steps=1,
+        disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
+        per_device_train_batch_size=prompts_per_step * group_size,  # completions per step (TRL counts completions)
+        num_generations=group_size,                                    # G completions of each prompt
+        max_completion_length=max_completion_length, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        beta=beta,                                                     # KL to the starting policy (TRL default: 0)
+        epsilon=0.2, num_iterations=1,                                 # one update per batch: ratio = 1, clip inactive
+        loss_type=loss_type,                                           # TRL default is "dapo"
+        scale_rewards="group" if loss_type == "grpo" else "none",
+        mask_truncated_completions=False, disable_dropout=True, remove_unused_columns=False,
+        model_init_kwargs={"dtype": torch.float32},                    # fp32 master weights; bf16 autocast on GPU
+    )
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_fn, args=args, processing_class=tokenizer,
+                          train_dataset=datasets.Dataset.from_list(rows))
+    trainer.remove_callback(PrinterCallback)  # the log history stays in trainer.state.log_history
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The GRPO math (DeepSeekMath §4.1; Dr. GRPO §3.1), to compare with TRL
+# ---------------------------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Outcome advantage of each completion, shared by all its tokens (DeepSeekMath eq. 3 ff.).
+
+    rewards: (B*G,) rewards, the G completions of one prompt consecutive.
+    A_i = (r_i - mean(r_group)) / (std(r_group) + eps) with scale="group" (GRPO; std with Bessel's correction, as
+    TRL computes it); A_i = r_i - mean(r_group) with scale="none" (Dr. GRPO removes the std: a group whose rewards
+    barely differ no longer gets its small differences blown up to unit scale).
+    """
+    r = rewards.view(-1, group_size)                                  # (B, G)
+    adv = r - r.mean(dim=1, keepdim=True)                             # baseline: the group mean, no critic
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)                # std(unbiased=True): TRL's nanstd
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group' or 'none', not {scale!r}")
+    return adv.reshape(-1)                                            # (B*G,)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π_θ || π_ref) estimate, DeepSeekMath eq. 4: π_ref/π_θ − log(π_ref/π_θ) − 1 (≥ 0, unbiased)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp, old_logp, adv, mask, *, ref_logp=None, beta: float = 0.0, epsilon: float = 0.2,
+              loss_type: str = "grpo", max_completion_length: int | None = None) -> torch.Tensor:
+    """The GRPO objective, negated to a loss.
+
+    logp, old_logp, ref_logp, mask: (B, T) per-token log-probs of the sampled tokens under π_θ, π_θ_old, π_ref,
+    and 1 on completion tokens; adv: (B,) one advantage per completion.
+
+        ratio_t = π_θ / π_θ_old,   l_t = −min(ratio_t·A, clip(ratio_t, 1−ε, 1+ε)·A) + β·KL_t
+        grpo:     mean over completions of (Σ_t l_t) / |o_i|          (DeepSeekMath eq. 3: per-response length 1/|o_i|)
+        dr_grpo:  (Σ_i Σ_t l_t) / (G_total · max_completion_length)   (Dr. GRPO: a constant instead of |o_i|)
+
+    As in TRL 1.16 (``use_bias_correction_kl=True``), the KL term is weighted by the ratio, which is 1 in value
+    on-policy and changes only its gradient.
+    """
+    ratio = torch.exp(logp - old_logp)
+    A = adv.unsqueeze(1)                                              # (B, 1): the same advantage for every token
+    per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * A)
+    if beta:
+        per_token = per_token + beta * k3_kl(logp, ref_logp) * ratio
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.size(0) * max_completion_length)
+    raise ValueError(f"loss_type must be 'grpo' or 'dr_grpo', not {loss_type!r}")
+
+
+def check_against_trl(trainer, rows: list[dict], reward_log: list[dict]) -> dict:
+    """Run one real TRL generation+scoring on ``rows`` and compare TRL's advantages and loss with ours.
+
+    Our side recomputes every per-token log-prob with a plain forward pass (logits / temperature, log-softmax,
+    gather), takes the rewards that reasoning-gym gave (the last record of ``reward_log``), and applies
+    ``group_advantages`` and ``grpo_loss``; TRL's side is its own ``_generate_and_score_completions`` and
+    ``compute_loss``. Call it after training (TRL sets its accumulation state then).
+    """
+    args = trainer.args
+    model = trainer.model
+    model.train()
+    G = args.num_generations
+    inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(G)])  # TRL's sampler order
+    rewards = torch.tensor(reward_log[-1]["rewards"], dtype=torch.float32)
+    scale = "none" if args.scale_rewards in ("none", False) else "group"
+    ours_adv = group_advantages(rewards, G, scale)
+    completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"].float()
+    ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = completion_ids.size(1)
+    with torch.no_grad():
+        # TRL divides the loss by the accumulation steps; undo that to compare the objective itself
+        trl_loss = trainer.compute_loss(model, inputs).item() * trainer.current_gradient_accumulation_steps
+        with trainer.accelerator.autocast():
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, -T - 1:-1].float() / args.temperature
+        logp = torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        ours_loss = grpo_loss(logp, logp, ours_adv.to(logp.device), mask, ref_logp=inputs.get("ref_per_token_logps"),
+                              beta=args.beta, epsilon=args.epsilon, loss_type=args.loss_type,
+                              max_completion_length=args.max_completion_length).item()
+    return {"rewards": rewards.tolist(), "trl_advantages": inputs["advantages"].float().cpu().tolist(),
+            "our_advantages": ours_adv.tolist(), "trl_loss": trl_loss, "our_loss": ours_loss,
+            "completions": trainer.processing_class.batch_decode(completion_ids, skip_special_tokens=True)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Measurement
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float = 1.0,
+           max_new_tokens: int = 64, batch_size: int = 4096, seed: int = 0) -> tuple[list[list[str]], int, float]:
+    """``n`` sampled completions per prompt. Returns (completions[prompt][j], generated tokens, seconds).
+
+    The model is left in the mode it came in (TRL reads ``model.training`` to file its metrics under train or eval).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n)]
+    texts, n_tokens = [], 0
+    t0 = time.perf_counter()
+    tokenizer.padding_side = "left"
+    for i in range(0, len(flat), batch_size):
+        enc = tokenizer(flat[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        gen = out[:, enc["input_ids"].size(1):]
+        n_tokens += int((gen != tokenizer.pad_token_id).sum())
+        texts += tokenizer.batch_decode(gen, skip_special_tokens=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return [texts[j * n:(j + 1) * n] for j in range(len(prompts))], n_tokens, seconds
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, eq. 1): 1 − C(n−c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))  # the product form, stable for large n
+
+
+@dataclass
+class Evaluation:
+    """Per-problem correct counts out of ``n`` samples, and the pass@k curve over the problems."""
+
+    n: int
+    correct: np.ndarray                       # (P,) correct samples per problem
+    ks: list[int] = field(default_factory=list)
+    pass_k: dict[int, float] = field(default_factory=dict)
+    lengths_correct: float = float("nan")     # mean completion length in characters
+    lengths_incorrect: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+    examples: list[tuple[str, str, float]] = field(default_factory=list)
+
+    @property
+    def pass1(self) -> float:
+        return self.pass_k[1]
+
+
+def evaluate(model, tokenizer, problems: list[dict], n: int, *, temperature: float, top_p: float,
+             max_new_tokens: int, prompt_fn=prompt_of, seed: int = 0, batch_size: int = 4096) -> Evaluation:
+    """Sample ``n`` completions for each problem, score each with reasoning-gym, and estimate pass@k for k = 1, 2, 4,
+    ... ≤ n (averaged over problems)."""
+    comps, n_tokens, seconds = sample(model, tokenizer, [prompt_fn(e) for e in problems], n, temperature=temperature,
+                                      top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    scores = np.array([[score(c, e) for c in cs] for cs, e in zip(comps, problems)])  # (P, n)
+    ok = scores == 1.0
+    correct = ok.sum(1)
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1)]
+    lens = np.array([[len(c) for c in cs] for cs in comps])
+    ev = Evaluation(n=n, correct=correct, ks=ks, tokens=n_tokens, seconds=seconds,
+                    pass_k={k: float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in ks},
+                    lengths_correct=float(lens[ok].mean()) if ok.any() else float("nan"),
+                    lengths_incorrect=float(lens[~ok].mean()) if (~ok).any() else float("nan"))
+    ev.examples = [(e["question"], cs[0], float(s[0])) for e, cs, s in zip(problems[:8], comps[:8], scores[:8])]
+    return ev
+
+
+def bootstrap_ci(per_problem: np.ndarray, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of ``per_problem`` (resampling problems)."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(per_problem, dtype=float)
+    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def crossing_k(before: Evaluation, after: Evaluation) -> int | None:
+    """The smallest k at which the starting policy's pass@k reaches the RL policy's (None if it never does)."""
+    for k in before.ks:
+        if before.pass_k[k] >= after.pass_k[k]:
+            return k
+    return None
+
+
+def lengths_by_outcome(reward_log: list[dict]) -> dict[str, list[float]]:
+    """Per generation batch: mean length (tokens) of correct (reward 1) and incorrect completions, and the same
+    relative to each problem's worked solution (``*_rel``: 1.0 = as long as the reference solution)."""
+    out = defaultdict(list)
+    for rec in reward_log:
+        L, R = np.array(rec["lengths"], float), np.array(rec["rewards"])
+        ref = np.array(rec.get("ref_lengths", [np.nan] * len(L)), float)
+        ok = R == 1.0
+        out["step"].append(rec["step"])
+        out["reward"].append(float(R.mean()))
+        for name, sel in (("correct", ok), ("incorrect", ~ok)):
+            out[name].append(float(L[sel].mean()) if sel.any() else float("nan"))
+            out[name + "_rel"].append(float((L[sel] / ref[sel]).mean()) if sel.any() else float("nan"))
+    return dict(out)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock(TrainerCallback):
+    """Splits each GRPO step's wall time into generation (``model.generate`` inside TRL) and the rest (scoring,
+    log-probs of the reference model, forward, backward, optimizer), and runs ``every``-step evaluations outside the
+    clock. Install with ``StepClock.install(trainer, ...)``: it wraps the trainer's generation method."""
+
+    def __init__(self, evaluate_fn=None, every: int = 0):
+        self.evaluate_fn, self.every = evaluate_fn, every
+        self.step_s, self.gen_s, self.gen_tokens = [], [], []
+        self.evals: list[tuple[int, float]] = []
+        self._t0 = None
+        self._gen = 0.0
+        self._tok = 0
+
+    @classmethod
+    def install(cls, trainer, evaluate_fn=None, every: int = 0) -> StepClock:
+        clock = cls(evaluate_fn, every)
+        inner = trainer._generate_single_turn
+
+        def timed(*args, **kwargs):
+            _sync()
+            t = time.perf_counter()
+            completion_ids, logprobs = inner(*args, **kwargs)
+            _sync()
+            clock._gen += time.perf_counter() - t
+            clock._tok += sum(len(c) for c in completion_ids)
+            return completion_ids, logprobs
+
+        trainer._generate_single_turn = timed  # an instance attribute shadows the method
+        trainer.add_callback(clock)
+        return clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync()
+        self._t0, self._gen, self._tok = time.perf_counter(), 0.0, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _sync()
+        self.step_s.append(time.perf_counter() - self._t0)
+        self.gen_s.append(self._gen)
+        self.gen_tokens.append(self._tok)
+        if self.evaluate_fn is not None and self.every and state.global_step % self.every == 0:
+            self.evals.append((state.global_step, self.evaluate_fn()))
+
+    def summary(self, skip: int = 2) -> dict:
+        """Totals over the steps after the first ``skip`` (warm-up: allocator, kernels)."""
+        s = slice(skip if len(self.step_s) > skip else 0, None)
+        step, gen, tok = sum(self.step_s[s]), sum(self.gen_s[s]), sum(self.gen_tokens[s])
+        return {"steps": len(self.step_s[s]), "step_s": step, "generate_s": gen, "train_s": step - gen,
+                "generate_share": gen / step if step else float("nan"),
+                "rollout_tokens_per_s": tok / gen if gen else float("nan"),
+                "ms_per_step": 1e3 * step / max(1, len(self.step_s[s]))}

@@ -1,0 +1,204 @@
+"""Chapter 02 (GRPO): the reward wiring, the GRPO math against hand-computed examples and against TRL, pass@k, and
+parameter validation. CPU only, offline, seeded."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTER = ROOT / "chapters" / "02_grpo"
+sys.path.insert(0, str(CHAPTER))
+
+import grpo_rlvr as G  # noqa: E402
+
+from repro_utils.claims import load_chapter  # noqa: E402
+from repro_utils.profiles import ParameterError, resolve  # noqa: E402
+
+pytest.importorskip("reasoning_gym")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return G.make_problems(40, seed=7)
+
+
+# --- the reward: reasoning-gym's own scorer -------------------------------------------------------------------
+
+def test_correct_answer_scores_one_wrong_or_malformed_zero(problems):
+    e = problems[0]
+    right, wrong = e["answer"], str(int(e["answer"]) + 1)
+    assert G.score(f"<answer>{right}</answer>", e) == 1.0
+    assert G.score(G.worked_solution(e), e) == 1.0
+    assert G.score(f"<answer>{wrong}</answer>", e) == 0.0
+    assert G.score(right, e) == 0.0                      # no tags: reasoning-gym extracts nothing
+    assert G.score("<answer></answer>", e) == 0.0
+    assert G.score(f"<answer>{right}", e) == 0.0         # unclosed tag
+
+
+def test_every_worked_solution_is_correct_by_the_verifier(problems):
+    # the supervised targets must be right, or the warm-up teaches errors
+    assert all(G.score(G.worked_solution(e), e) == 1.0 for e in problems)
+
+
+def test_reward_function_has_trl_signature_and_logs_lengths(problems):
+    log: list = []
+    fn = G.make_reward_fn(log)
+    e = problems[1]
+    completions = [f"<answer>{e['answer']}</answer>", "<answer>x</answer>", f"{e['answer']}"]
+    out = fn(prompts=[G.prompt_of(e)] * 3, completions=completions, completion_ids=[[1] * 5, [1] * 7, [1] * 2],
+             entry=[json.dumps(e)] * 3, trainer_state=None)
+    assert out == [1.0, 0.0, 0.0]
+    ref = len(G.worked_solution(e)) + 1
+    assert log == [{"step": 0, "lengths": [5, 7, 2], "ref_lengths": [ref] * 3, "rewards": [1.0, 0.0, 0.0]}]
+    rel = G.lengths_by_outcome(log)
+    assert rel["correct_rel"] == [5 / ref] and rel["incorrect_rel"] == [pytest.approx(4.5 / ref)]
+    chat = fn(completions=[[{"role": "assistant", "content": completions[0]}]], completion_ids=[[1]],
+              entry=[json.dumps(e)])
+    assert chat == [1.0]
+
+
+def test_held_out_problems_exclude_seen_questions(problems):
+    seen = {e["question"] for e in problems}
+    test = G.make_problems(30, seed=7, exclude=seen)    # the same seed would repeat every question
+    assert len(test) == 30 and not seen & {e["question"] for e in test}
+
+
+def test_char_tokenizer_round_trips_a_solution(problems):
+    tok = G.char_tokenizer()
+    text = G.prompt_of(problems[2]) + G.worked_solution(problems[2])
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+# --- the GRPO math against hand computation ---------------------------------------------------------------------
+
+def test_group_advantage_matches_hand_computed_example():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    a = G.group_advantages(r, 4, "group")
+    # group 1: mean 1/2, sample std sqrt(1/3); group 2: mean 1/4, sample std 1/2; group 3: std 0 -> all zero.
+    # TRL adds 1e-4 to the std; exact to float32 rounding (1e-6).
+    s1, s2 = math.sqrt(1 / 3) + 1e-4, 0.5 + 1e-4
+    want = [0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, 0.75 / s2, -0.25 / s2, -0.25 / s2, -0.25 / s2, 0, 0, 0, 0]
+    assert a.tolist() == pytest.approx(want, abs=1e-6)
+    # Dr. GRPO: no std, just the centred reward
+    assert G.group_advantages(r, 4, "none").tolist() == pytest.approx(
+        [0.5, -0.5, -0.5, 0.5, 0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0], abs=1e-7)
+    with pytest.raises(ValueError):
+        G.group_advantages(r, 4, "batch")
+
+
+def test_group_advantage_matches_trl_formula():
+    from trl.trainer.utils import nanstd
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 2, (8 * 6,), generator=g).float()
+    grouped = r.view(-1, 6)
+    trl = ((grouped - grouped.mean(1, keepdim=True)) / (nanstd(grouped, dim=1).unsqueeze(1) + 1e-4)).reshape(-1)
+    assert torch.allclose(G.group_advantages(r, 6, "group"), trl, atol=1e-6)  # same float32 ops: rounding only
+
+
+def test_grpo_loss_hand_examples():
+    # two completions of lengths 3 and 1 (T = 3), on-policy (ratio 1), advantages +1 and -1, no KL
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    # grpo: mean over completions of (sum_t -A)/|o| = mean(-1, +1) = 0
+    assert G.grpo_loss(logp, logp, adv, mask, loss_type="grpo").item() == pytest.approx(0.0, abs=1e-7)
+    # dr_grpo: (3 x (-1) + 1 x (+1)) / (2 completions x max length 4) = -0.25: the long completion weighs more
+    assert G.grpo_loss(logp, logp, adv, mask, loss_type="dr_grpo", max_completion_length=4).item() == pytest.approx(-0.25)
+    # clipping: ratio 1.5 with A = +1 earns only 1 + eps = 1.2; ratio 0.5 with A = -1 is clipped at 0.8
+    one = torch.ones(1, 1)
+    up = G.grpo_loss(torch.log(1.5 * one), torch.zeros(1, 1), torch.tensor([1.0]), one, epsilon=0.2)
+    down = G.grpo_loss(torch.log(0.5 * one), torch.zeros(1, 1), torch.tensor([-1.0]), one, epsilon=0.2)
+    assert up.item() == pytest.approx(-1.2) and down.item() == pytest.approx(0.8)
+    # KL (k3): pi_ref/pi - log(pi_ref/pi) - 1 with pi_ref/pi = 1/2 -> 0.5 + log 2 - 1
+    assert G.k3_kl(torch.zeros(1), torch.log(torch.tensor([0.5]))).item() == pytest.approx(0.5 + math.log(2) - 1)
+    kl_only = G.grpo_loss(logp, logp, torch.zeros(2), mask, ref_logp=logp + math.log(0.5), beta=0.1)
+    assert kl_only.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1), rel=1e-6)
+
+
+def test_pass_at_k_matches_the_binomial_formula():
+    assert G.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert G.pass_at_k(4, 1, 2) == pytest.approx(0.5)      # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert G.pass_at_k(4, 0, 4) == 0.0
+    assert G.pass_at_k(4, 2, 3) == 1.0                     # any 3 of 4 include a correct one
+    for n, c, k in [(256, 3, 1), (256, 3, 64), (256, 40, 16), (100, 99, 2)]:
+        assert G.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), rel=1e-9)
+
+
+def test_crossing_and_bootstrap():
+    ks = [1, 2, 4]
+    before = G.Evaluation(n=4, correct=None, ks=ks, pass_k={1: 0.2, 2: 0.5, 4: 0.9})
+    after = G.Evaluation(n=4, correct=None, ks=ks, pass_k={1: 0.6, 2: 0.7, 4: 0.85})
+    assert G.crossing_k(before, after) == 4 and G.crossing_k(after, before) == 1
+    lo, hi = G.bootstrap_ci([1.0] * 50 + [0.0] * 50, seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.3                 # 95% interval of a proportion 1/2 over 100 problems
+
+
+# --- our equations against TRL's own computation inside a real (tiny, CPU) step -----------------------------------
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
+def test_check_against_trl_agrees_with_our_math(tmp_path, problems, loss_type):
+    tok = G.char_tokenizer()
+    model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0)
+    model.save_pretrained(tmp_path / "policy")
+    log: list = []
+
+    def parity_reward(completions, completion_ids, trainer_state=None, **kwargs):
+        # a reward that varies within groups, so the advantages are not all zero
+        rewards = [float(ids[0] % 2) for ids in completion_ids]  # parity of the first token
+        log.append({"step": 0, "lengths": [len(ids) for ids in completion_ids], "rewards": rewards})
+        return rewards
+
+    rows = [{"prompt": G.prompt_of(e), "entry": json.dumps(e)} for e in problems[:4]]
+    torch.manual_seed(0)
+    trainer = G.grpo_trainer(str(tmp_path / "policy"), tok, rows, parity_reward, loss_type=loss_type, steps=1,
+                             group_size=4, prompts_per_step=2, lr=1e-3, beta=0.04, max_completion_length=12, seed=0,
+                             output_dir=str(tmp_path / "out"), cuda=False)
+    trainer.train()
+    c = G.check_against_trl(trainer, rows[:2], log)
+    assert any(c["rewards"]) and not all(c["rewards"])
+    # advantages: the same formula in float32 -> rounding only
+    assert c["our_advantages"] == pytest.approx(c["trl_advantages"], abs=1e-5)
+    # loss: our plain forward pass vs TRL's tiled fused LM head, fp32 on the CPU -> agree to 1e-5
+    assert c["our_loss"] == pytest.approx(c["trl_loss"], abs=1e-5)
+
+
+# --- parameters -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [{"grpo_steps": 0}, {"group_size": 1}, {"loss_types": ["ppo"]},
+                                 {"eval_samples": 100}, {"policy": "gpt2"}, {"task": "countdown"},
+                                 {"beta": -0.1}, {"max_completion_length": "64"}, {"learning_rate": 1e-4}])
+def test_bad_parameters_fail_before_anything_runs(bad):
+    params = load_chapter(CHAPTER).parameters
+    with pytest.raises(ParameterError):
+        resolve(params, bad, cuda=False)
+
+
+def test_profiles_resolve_and_notebook_declares_the_parameters():
+    from repro_utils.check import notebook_parameters
+    from repro_utils.profiles import COMMON
+
+    ch = load_chapter(CHAPTER)
+    smoke = resolve(ch.parameters, {"profile": "smoke"}, cuda=False)
+    gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True)
+    assert smoke["policy"] == gpu["policy"] == "scratch" and set(gpu["loss_types"]) == {"grpo", "dr_grpo"}
+    assert gpu["eval_samples"] == 256                     # pass@256, as in Yue et al.
+    assert set(notebook_parameters(ch.notebook)) == set(COMMON) | set(ch.parameters)
+
+
+def test_sampling_leaves_the_model_in_its_mode(problems):
+    # TRL files its metrics under "train" only while model.training is True: a probe must not flip it
+    tok = G.char_tokenizer()
+    model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0).train()
+    comps, n_tokens, _ = G.sample(model, tok, [G.prompt_of(problems[0])], 3, temperature=1.0, max_new_tokens=5)
+    assert model.training and len(comps[0]) == 3 and 0 < n_tokens <= 15
+    model.eval()
+    G.sample(model, tok, [G.prompt_of(problems[0])], 1, temperature=1.0, max_new_tokens=5)
+    assert not model.training
