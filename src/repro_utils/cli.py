@@ -58,7 +58,7 @@ def cmd_book(args) -> int:
     rc = 0
     if not args.no_build:
         print("building the HTML (jupyter-book build -W) …", flush=True)
-        rc = build_html(root)
+        rc = build_html(root).returncode
         print(f"HTML: {root / '_build' / 'html' / 'index.html'}" if rc == 0 else "the HTML build failed")
     print(f"\nsummary: {len(results) - len(failed)} of {len(results)} chapters ran"
           + (f"; failed: {', '.join(r.chapter for r in failed)}" if failed else ""))

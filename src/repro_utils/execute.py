@@ -112,11 +112,18 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
     return dest
 
 
-def build_html(root: Path) -> int:
+def jupyter_book() -> str:
+    """The ``jupyter-book`` executable of this Python environment (1.x has no ``python -m`` entry)."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    return str(exe) if exe.is_file() else (shutil.which("jupyter-book") or "jupyter-book")
+
+
+def build_html(root: Path, *, path_output: Path | None = None, capture: bool = False) -> subprocess.CompletedProcess:
     """``jupyter-book build`` with warnings as errors; the book renders committed outputs only."""
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(root), "--builder", "html", "-W", "-n",
-           "--keep-going"]
-    return subprocess.run(cmd, cwd=root).returncode
+    cmd = [jupyter_book(), "build", str(root), "--builder", "html", "-W", "-n", "--keep-going"]
+    if path_output is not None:
+        cmd += ["--path-output", str(path_output)]
+    return subprocess.run(cmd, cwd=root, capture_output=capture, text=True)
 
 
 def run_book(root: Path, profile: str, *, publish: bool = False, build: bool = True,
