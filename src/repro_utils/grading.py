@@ -104,7 +104,7 @@ def fmt(x: Any) -> str:
 
 
 def _with_unit(v: Any, unit: str) -> str:
-    if not unit:
+    if not unit or isinstance(v, str):  # a claimed value in words ("above 1") takes no unit
         return fmt(v)
     return f"{fmt(v)}{unit}" if unit in ("x", "×", "%") else f"{fmt(v)} {unit}"
 
