@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED = 1
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 
 # Execute every chapter (auto profile: gpu with CUDA, smoke without), regenerate the scoreboard, build the HTML.
 book: install

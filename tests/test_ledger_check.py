@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 import pytest

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from repro_utils import ledger
 from repro_utils.claims import chapters
-from repro_utils.grading import RUNGS, fmt
+from repro_utils.grading import RUNGS, _with_unit
 
 PUBLISHED = ("gpu", "full")
 HEADER = """# Scoreboard
@@ -33,7 +33,7 @@ def render(root: str | Path) -> str:
             fp = data["fingerprint"]
             for c in data["claims"]:
                 m = c["measured"]
-                meas = ("—" if not m or m.get("why_untested") else f"{fmt(m['value'])} {c['declared']['unit']}")
+                meas = "—" if not m or m.get("why_untested") else _with_unit(m["value"], c["declared"]["unit"])
                 tally[c["grade"]] += 1
                 body.append(f"| `{c['id']}` | {c['grade']} | {meas} | {profile} | {fp['device']} "
                             f"| {fp['started'][:10]} |")
