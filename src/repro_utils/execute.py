@@ -88,6 +88,37 @@ def run_chapter(root: Path, ch: Chapter, given: dict[str, Any], *, out: Path | N
     return res
 
 
+def _settle(text: str) -> str:
+    """What a terminal would show: within each line, a carriage return overwrites what came before."""
+    lines = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p]
+        lines.append(parts[-1] if parts else "")
+    return "\n".join(lines)
+
+
+def tidy_outputs(nb) -> int:
+    """Merge each cell's consecutive stream outputs and settle carriage returns, so that a progress bar's
+    hundreds of refreshes render as its final state. Only stream text changes; returns outputs removed."""
+    removed = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.get("outputs", []):
+            if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                    and merged[-1].get("name") == out.get("name")):
+                merged[-1]["text"] += out["text"]
+                removed += 1
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _settle(out["text"])
+        cell["outputs"] = merged
+    return removed
+
+
 def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Path:
     """Make an executed gpu/full run the committed one: its notebook replaces the chapter's, its ledger
     goes to results/<profile>/, and the scoreboard is regenerated. Smoke and CPU runs are refused."""
@@ -104,7 +135,8 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
     injected = nb.metadata.get("papermill", {}).get("parameters", {})
     if injected.get("profile") != data["profile"]:
         raise PublishError(f"{nb_path}: ran with profile {injected.get('profile')!r}, its ledger says {data['profile']!r}")
-    shutil.copyfile(nb_path, ch.notebook)
+    tidy_outputs(nb)
+    nbformat.write(nb, ch.notebook)
     dest = root / "results" / data["profile"] / f"{ch.id}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ledger_path, dest)
