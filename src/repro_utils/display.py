@@ -19,14 +19,18 @@ def source(obj) -> str:
 def show(*objs, title: str | None = None) -> None:
     """Display the source of functions / classes / modules as highlighted Python."""
     code = "\n\n\n".join(source(o) for o in objs)
-    md = (f"**{title}**\n\n" if title else "") + f"```python\n{code}\n```"
+    markdown((f"**{title}**\n\n" if title else "") + f"```python\n{code}\n```")
+
+
+def markdown(text: str) -> None:
+    """Render Markdown in a notebook; print it anywhere else."""
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display
 
         if get_ipython() is not None:
-            display(Markdown(md))
+            display(Markdown(text))
             return
     except ImportError:
         pass
-    print(md)
+    print(text)

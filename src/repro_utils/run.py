@@ -20,6 +20,7 @@ from typing import Any
 
 from repro_utils import ledger
 from repro_utils.claims import Chapter, find_root, load_chapter
+from repro_utils.display import markdown
 from repro_utils.grading import Grade, Measurement, _with_unit, describe_measurement, grade
 from repro_utils.profiles import resolve
 
@@ -61,19 +62,6 @@ def out_dir(profile: str) -> Path:
         return find_root() / "_build" / "runs" / profile
     except FileNotFoundError:
         return Path.cwd() / "_build" / "runs" / profile
-
-
-def _show(markdown: str) -> None:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Markdown, display
-
-        if get_ipython() is not None:
-            display(Markdown(markdown))
-            return
-    except ImportError:
-        pass
-    print(markdown)
 
 
 @dataclass
@@ -144,7 +132,7 @@ class Run:
         data = self.to_dict()
         path = ledger.write(out_dir(self.profile) / f"{self.chapter.id}.json", data)
         if show:
-            _show(card(data))
+            markdown(card(data))
             print(f"ledger: {path}")
         return data
 
