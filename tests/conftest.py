@@ -4,6 +4,12 @@ made by the tests; every random draw is seeded."""
 from __future__ import annotations
 
 import os
+
+# Triton reads TRITON_INTERPRET when triton.language is first imported and when each kernel is decorated:
+# on a machine without a GPU, set it before anything (torch included) imports triton, so that every
+# chapter's kernels and Triton's own library functions run in its CPU interpreter, in any test order.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import subprocess
 from pathlib import Path
