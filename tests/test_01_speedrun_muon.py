@@ -5,6 +5,7 @@ CPU only, offline, seeded; each test takes seconds (the two-process ones about t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -321,6 +322,74 @@ def test_torchrun_two_processes_give_the_one_process_gradients(tmp_path):
     for name, g in one["first_grads"].items():
         assert torch.allclose(g, two["first_grads"][name], rtol=0, atol=1e-6 * scale), name
     assert two["history"]["final_val"] == pytest.approx(one["history"]["final_val"], abs=1e-4)
+
+
+def _write(path: Path, **d) -> None:
+    path.write_text(json.dumps(d))
+
+
+def test_scaling_table_computes_efficiency_overhead_and_parity(tmp_path):
+    # Made-up numbers: efficiency = rate_N / (N x rate_1); Muon overhead = step_ms(muon) / step_ms(adamw) - 1;
+    # parity = the largest |val loss gap| to the one-GPU seed-0 run, against the gap between seeds 0 and 1.
+    def run(opt, rate, ms_):
+        return dict(optimizer=opt, tokens_per_s=rate, tokens_per_s_per_gpu=rate, step_ms=ms_)
+
+    _write(tmp_path / "throughput_N1.json", world=1, device="X", torch="t", runs=[run("muon", 100.0, 10.0), run("adamw", 110.0, 9.0)])
+    _write(tmp_path / "throughput_N8.json", world=8, device="X", torch="t", runs=[run("muon", 720.0, 1.25), run("adamw", 800.0, 1.0)])
+    for n, seed, val in [(1, 0, [5.0, 4.0]), (1, 1, [5.1, 4.05]), (8, 0, [5.0, 4.01])]:
+        _write(tmp_path / f"parity_N{n}_seed{seed}.json", world=n, seed=seed, val_loss=val, train_loss=val, final_val=val[-1])
+    t = ms.scaling_table(tmp_path)
+    rows = {(r["N"], r["optimizer"]): r for r in t["rows"]}
+    assert rows[8, "muon"]["efficiency"] == pytest.approx(0.9) and rows[8, "adamw"]["efficiency"] == pytest.approx(800 / 880)
+    assert rows[8, "muon"]["overhead_pct"] == pytest.approx(25.0) and rows[1, "muon"]["efficiency"] == 1.0
+    (p,) = t["parity"]
+    assert p["N"] == 8 and p["max_val_gap"] == pytest.approx(0.01) and t["seed_noise"]["max_val_gap"] == pytest.approx(0.1)
+    assert p["within_seed_noise"] is True and t["device"] == "X"
+    assert json.loads((tmp_path / "scaling.json").read_text())["rows"] == t["rows"]
+    assert "| 8 | muon | 720 | 720 | 0.900 | 1.2 | 25.00% |" in (tmp_path / "scaling.md").read_text()
+
+
+# The sweep's worker options for a CPU: a 2-layer model of width 64 and 256 tokens, 8 sequences a step.
+TINY_SWEEP = ["--preset", "tiny", "--vocab", "256", "--batch-size", "8", "--micro-batch", "2", "--warmup", "1",
+              "--steps", "2", "--parity-preset", "tiny", "--parity-batch-size", "8", "--parity-steps", "4",
+              "--data", "random"]
+
+
+def test_scaling_sweep_on_one_and_two_cpu_processes(tmp_path, monkeypatch):
+    # The one command of issue 9, on the CPU: torchrun with 1, then 2 gloo processes, each timing train()
+    # with Muon and AdamW and running the parity training; then the table. Timings on a CPU mean nothing:
+    # only that they are there. The parity losses must match: at the same global batch and seed the two
+    # runs differ only in the order of float32 sums (each rank's half-batch mean, then their average; the
+    # gradient all-reduce), i.e. a few ulps: float32's ulp at a loss of ln 256 = 5.5 is 4.8e-7, and four
+    # steps measured at most one ulp. 1e-5 leaves room for other BLAS builds and thread counts, and is
+    # 100x below the gap between seeds 0 and 1 (asserted), so a wrong batch slice or a missed
+    # all-reduce would fail it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    t = ms.scaling_sweep(tmp_path, [1, 2], TINY_SWEEP)
+    for name in ["throughput_N1", "throughput_N2", "parity_N1_seed0", "parity_N1_seed1", "parity_N2_seed0", "scaling"]:
+        json.loads((tmp_path / f"{name}.json").read_text())  # valid JSON
+    two = json.loads((tmp_path / "throughput_N2.json").read_text())
+    assert two["world"] == 2 and two["backend"] == "gloo" and two["device"] == "cpu" and two["torch"] == torch.__version__
+    assert two["NCCL_NVLS_ENABLE"] == "0" and two["tokens_per_step"] == 8 * 32
+    assert [r["grad_accum"] for r in two["runs"]] == [2, 2] and [r["optimizer"] for r in two["runs"]] == ["muon", "adamw"]
+    assert [(r["N"], r["optimizer"]) for r in t["rows"]] == [(1, "muon"), (1, "adamw"), (2, "muon"), (2, "adamw")]
+    for r in t["rows"]:
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and r["efficiency"] > 0
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["N"])
+    one, two = (json.loads((tmp_path / f"parity_N{n}_seed0.json").read_text()) for n in (1, 2))
+    assert one["steps"] == two["steps"] == 4 and len(one["train_loss"]) == 4 and len(one["val_loss"]) == 5
+    tol = 1e-5
+    assert np.allclose(two["train_loss"], one["train_loss"], rtol=0, atol=tol), (one["train_loss"], two["train_loss"])
+    assert np.allclose(two["val_loss"], one["val_loss"], rtol=0, atol=tol), (one["val_loss"], two["val_loss"])
+    (p,) = t["parity"]
+    assert p["max_val_gap"] <= tol and p["within_seed_noise"] and t["seed_noise"]["max_train_gap"] > 100 * tol
+
+
+def test_scaling_worker_refuses_a_batch_that_does_not_split():
+    # 8 sequences cannot be 1 process x micro-batches of 3: refused before any training
+    with pytest.raises(ValueError, match="micro-batches of 3"):
+        ms.measure_throughput(replace(TINY, **ms.MODERN), "cpu", batch_size=8, micro_batch=3, warmup=1, steps=1)
 
 
 # ---------------------------------------------------------------- parameters of the chapter

@@ -17,6 +17,8 @@ What chapter 01 studies, in the order the notebook shows it:
    ``torchrun --nproc_per_node=N muon_speedrun.py ...`` (DDP; gloo on CPU, NCCL on GPU).
 6. ``tokens_to_target`` / ``budget_to_target``: how many tokens a run needs to reach a target loss.
 7. ``bench_step``: the step time of the 124M model, plain GPT-2 + AdamW against the modern one + Muon.
+8. ``scaling_sweep``: tokens/s of ``train`` on 1, 2, 4, 8 GPUs and the loss parity of N GPUs with one
+   (``muon_speedrun.py sweep --out DIR``; its docstring gives the one command for a multi-GPU machine).
 """
 
 from __future__ import annotations
@@ -680,8 +682,41 @@ PRESETS = {
 }
 
 
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device) of this process; under torchrun (WORLD_SIZE > 1) joins the process group
+    (NCCL on GPUs, gloo on the CPU) and takes GPU LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank_world()[0], world, device
+
+
+def load_tokens(data: str, n_train: int, vocab: int = 50257) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) tokens: 'random' (a fixed stream below ``vocab``, at least ``n_train`` long), 'fineweb'
+    (the speedrun's shards) or 'local' (the course corpus through repro_utils.data)."""
+    if data == "random":  # enough for checking that N processes = one process, and for timing
+        g = np.random.default_rng(0)  # an epoch of 200 k to 2 M tokens: TokenBatches reshuffles after it
+        return (g.integers(0, vocab, max(200_000, min(n_train, 2**21))).astype(np.uint16),
+                g.integers(0, vocab, 20_000).astype(np.uint16))
+    if data == "fineweb":
+        return fineweb_tokens("train", n_train), fineweb_tokens("val", 10 * 2**20)
+    from repro_utils.data import tokens as corpus_tokens
+
+    return corpus_tokens("train"), corpus_tokens("val")
+
+
 def main(argv=None) -> None:
-    """``torchrun --nproc_per_node=N muon_speedrun.py --preset small --optimizer muon [--out f.pt]``"""
+    """``torchrun --nproc_per_node=N muon_speedrun.py --preset small --optimizer muon [--out f.pt]``;
+    ``muon_speedrun.py scaling|sweep|table ...``: the multi-GPU scaling measurement (``scaling_sweep``)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in SCALING_COMMANDS:
+        return scaling_main(argv)
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
@@ -692,35 +727,268 @@ def main(argv=None) -> None:
     ap.add_argument("--data", choices=["local", "fineweb", "random"], default="local")
     ap.add_argument("--out", default=None, help="rank 0 saves the history, first gradients and final weights here")
     a = ap.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = rank_world()[0]
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed()
     p = PRESETS[a.preset]
     cfg = replace(p["model"], **(MODERN if a.arch == "modern" else {}))
     tokens = a.tokens or p["tokens"]
     run = RunConfig(optimizer=a.optimizer, lr=a.lr or (0.02 if a.optimizer == "muon" else 0.0018),
                     batch_size=p["batch_size"], grad_accum=a.grad_accum, tokens=tokens, eval_every=0,
-                    eval_tokens=4 * cfg.seq_len, compile=cuda)
-    if a.data == "random":  # a fixed random stream: enough for checking that N processes = one process
-        g = np.random.default_rng(0)
-        train_toks, val_toks = g.integers(0, 50257, 200_000).astype(np.uint16), g.integers(0, 50257, 20_000).astype(np.uint16)
-    elif a.data == "fineweb":
-        train_toks, val_toks = fineweb_tokens("train", tokens), fineweb_tokens("val", 10 * 2**20)
-    else:
-        from repro_utils.data import tokens as corpus_tokens
-
-        train_toks, val_toks = corpus_tokens("train"), corpus_tokens("val")
+                    eval_tokens=4 * cfg.seq_len, compile=device.type == "cuda")
+    train_toks, val_toks = load_tokens(a.data, tokens)
     hist, model, _ = train(cfg, run, train_toks, val_toks, device=device, keep_first_grads=a.out is not None)
     if rank == 0:
         print(f"world {world} · {hist.steps} steps · final val loss {hist.final_val:.4f} · {hist.seconds:.1f} s")
         if a.out:
             torch.save(dict(history=hist.to_dict(), first_grads={k: v.cpu() for k, v in hist.first_grads.items()},
                             params={k: v.detach().cpu() for k, v in model.state_dict().items()}), a.out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Scaling over GPUs: throughput and loss parity of the same train() under DDP
+
+
+def scaling_sweep(out: str | Path, gpus: list[int] | None = None, worker_args: list[str] = ()) -> dict:
+    """Run the scaling measurement on N = 1, 2, 4, 8 GPUs (as many as the machine has) and write the table.
+
+    THE ONE COMMAND for a multi-GPU machine (issue 9), from the repository root, with NVLink multicast off
+    (KINDS.md: NCCL_NVLS_ENABLE=0 and its two companions stay set). On the course's device machine it is
+    one ``run`` call: kind nvidia-h100-x8 (else the largest kind lent), carry [".data", ".whl"] (the
+    offline corpus + GPT-2 BPE, and the wheels that scripts/gpu-box.sh installs), timeout_s 600:
+
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \\
+        NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 \\
+        PYTHONPATH=/tmp/site:$PWD/src REPRO_DATA_DIR=$PWD/.data TIKTOKEN_CACHE_DIR=$PWD/.data/tiktoken \\
+        HF_HUB_OFFLINE=1 REPRO_CACHE_DIR=/tmp/repro-cache \\
+        python3 chapters/01_speedrun_muon/muon_speedrun.py sweep --out $OUT/scaling
+
+    (Elsewhere, drop the pip line and /tmp/site; only the loss-parity runs read the corpus, and
+    ``--data random`` needs none, but then their loss hardly moves.) The sweep forces NCCL_NVLS_ENABLE=0,
+    TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 in its children's environment as well,
+    and records NCCL_NVLS_ENABLE in every JSON. For each N it starts one
+    ``torchrun --standalone --nproc_per_node=N muon_speedrun.py scaling --out DIR ...``, which
+      - times ``train()`` on the 124M modern model (seq 1024, bf16 autocast, torch.compile per block,
+        SDPA, DDP over NCCL, the distributed Muon) at the records' global batch of 512 x 1024 = 2^19
+        tokens a step, micro-batches of 32 per GPU (16/N of them a step on each), with Muon and then
+        with AdamW: ``--warmup`` 5 steps (compilation included), then ``--steps`` 20 timed steps, the
+        slowest rank's clock -> ``throughput_N{N}.json`` (tokens/s, per GPU, ms/step, device, torch);
+      - trains the 'small' model (6 x 384, seq 512) with Muon for ``--parity-steps`` 200 steps at a global
+        batch of 64 sequences, seed 0 (at N = 1 also seed 1: the seed noise), keeping the global training
+        loss and the validation loss after every step -> ``parity_N{N}_seed{S}.json``.
+    After each N it rewrites ``scaling.json`` and ``scaling.md`` (``scaling_table``), so what was done
+    survives a time-out; ``muon_speedrun.py table --out DIR`` rebuilds them from the JSON files in DIR
+    (e.g. after ``--gpus 1 2`` and ``--gpus 4 8`` were run as two commands). Worker options after
+    ``sweep`` (``--steps``, ``--micro-batch``, ``--optimizers muon``, ``--parity-steps`` ...) pass through.
+
+    Into the chapter afterwards (this session wrote none of it): put scaling.json beside the chapter's
+    results; add a section "Several GPUs" to the notebook with the table (N, tokens/s, tokens/s per GPU,
+    efficiency = rate_N / (N x rate_1), ms/step, Muon's overhead over AdamW at that N, parity: largest
+    |Δ val loss| against the seed noise) and a plot of tokens/s against N beside the ideal N x rate_1,
+    naming the device (``device`` in the JSON) and NCCL_NVLS_ENABLE=0. Where N = 8 ran, add a ledger row
+    at the record's own setting, graded from the N = 8 rows of scaling.json: the Muon step of 2^19 tokens
+    on 8 GPUs with the work shared (``step_ms``, tokens/s, and ``overhead_pct`` against AdamW) beside the
+    source's 142.01 ms (Muon) and 138.61 ms (AdamW) per step on 8xH100 (records/track_1_short/
+    2024-10-29_Optimizers, the logs that claim muon-overhead cites), as a claim of claims.yaml whose
+    profile is 'own' on that machine.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = gpus or [n for n in (1, 2, 4, 8) if n <= max(1, torch.cuda.device_count())]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    import subprocess
+    import sys
+
+    args = list(worker_args)
+    if "--data" not in args or args[args.index("--data") + 1] == "local":
+        load_tokens("local", 0)  # tokenise the corpus once (cached on disk), not in every rank at once
+    for n in gpus:
+        seeds = ["0", "1"] if n == 1 else ["0"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
+               "scaling", "--out", str(out), "--seeds", *seeds, *args]
+        print(f"[sweep] N={n}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        table = scaling_table(out)
+        print(table["markdown"], flush=True)
+    return scaling_table(out)
+
+
+class StepClock:
+    """``train()``'s progress hook: the wall-clock time from the end of step ``warmup`` to the end of
+    step ``warmup + steps``, with a device sync at those two points only (none in between)."""
+
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.marks, self.done, self.at = [], 0, (warmup, warmup + steps)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done in self.at:
+            self.sync()
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> float:
+        return self.marks[1] - self.marks[0]
+
+
+def _all_ranks(x: torch.Tensor, op) -> torch.Tensor:
+    if rank_world()[1] > 1:
+        dist.all_reduce(x, op=op)
+    return x
+
+
+def _machine(device: torch.device) -> dict:
+    return dict(world=rank_world()[1], device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, cuda=torch.version.cuda,
+                backend=dist.get_backend() if dist.is_initialized() else None,
+                NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE"))
+
+
+def measure_throughput(cfg: GPTConfig, device, *, batch_size: int = 512, micro_batch: int = 32, warmup: int = 5,
+                       steps: int = 20, optimizer: str = "muon") -> dict:
+    """Tokens/s of ``train()`` on this process group: ``batch_size`` sequences a step over all processes,
+    ``micro_batch`` sequences per forward/backward, random tokens (the speed does not depend on them)."""
+    rank, world = rank_world()
+    accum = batch_size // (world * micro_batch)
+    if warmup < 1 or steps < 1:
+        raise ValueError("the clock needs at least one warm-up step and one timed step")
+    if accum < 1 or accum * world * micro_batch != batch_size:
+        raise ValueError(f"batch_size {batch_size} is not {world} processes x micro-batches of {micro_batch}")
+    run = RunConfig(optimizer=optimizer, lr=0.02 if optimizer == "muon" else 0.0018, batch_size=batch_size,
+                    grad_accum=accum, tokens=(warmup + steps) * batch_size * cfg.seq_len, eval_every=0,
+                    eval_tokens=cfg.seq_len, compile=torch.device(device).type == "cuda")
+    toks, val = load_tokens("random", 2 * batch_size * cfg.seq_len + 1, min(cfg.vocab_size, 50257))
+    torch._dynamo.reset()  # as bench_step: compile from scratch, never past dynamo's recompile limit
+    clock = StepClock(torch.device(device), warmup, steps)
+    train(cfg, run, toks, val, device=device, progress=clock)
+    seconds = _all_ranks(torch.tensor([clock.seconds()], device=device, dtype=torch.float64), dist.ReduceOp.MAX).item()
+    tokens_per_s = steps * batch_size * cfg.seq_len / seconds  # the slowest rank's clock
+    return dict(optimizer=optimizer, tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / world,
+                step_ms=1e3 * seconds / steps, micro_batch=micro_batch, grad_accum=accum, warmup=warmup,
+                steps=steps, compile=run.compile)
+
+
+def loss_parity(cfg: GPTConfig, device, *, batch_size: int = 64, steps: int = 200, seed: int = 0,
+                data: str = "local", eval_seqs: int = 16) -> dict:
+    """A short Muon run of ``train()`` with one validation every step: the global-batch training loss
+    (each rank's mean, averaged over ranks) and the validation loss after every step."""
+    rank, world = rank_world()
+    run = RunConfig(optimizer="muon", batch_size=batch_size, tokens=steps * batch_size * cfg.seq_len, eval_every=1,
+                    eval_tokens=eval_seqs * cfg.seq_len, seed=seed, compile=torch.device(device).type == "cuda")
+    toks, val = load_tokens(data, run.tokens, min(cfg.vocab_size, 50257))
+    torch._dynamo.reset()
+    hist, _, _ = train(cfg, run, toks, val, device=device)
+    mine = torch.tensor(hist.train_loss[1:], device=device, dtype=torch.float64)  # [0] is None: before step 1
+    train_loss = (_all_ranks(mine, dist.ReduceOp.SUM) / world).tolist()  # equal micro-batches on every rank
+    return dict(seed=seed, steps=hist.steps, batch_size=batch_size, data=data, train_loss=train_loss,
+                val_loss=hist.val_loss, final_val=hist.final_val, epochs=hist.epochs, seconds=hist.seconds)
+
+
+def scaling_table(out: str | Path) -> dict:
+    """The scaling table from the JSON files in ``out``: efficiency = rate_N / (N x rate_1) for each
+    optimizer; parity = largest |val loss (N) - val loss (1)| over the run against the seed noise
+    (the same between seeds 0 and 1 on one process). Writes scaling.json and scaling.md."""
+    import json
+
+    out = Path(out)
+    thr = sorted((json.loads(f.read_text()) for f in out.glob("throughput_N*.json")), key=lambda d: d["world"])
+    par = {(d["world"], d["seed"]): d for d in (json.loads(f.read_text()) for f in out.glob("parity_N*_seed*.json"))}
+    base = {r["optimizer"]: r["tokens_per_s"] for d in thr if d["world"] == 1 for r in d["runs"]}
+    rows = []
+    for d in thr:
+        by_opt = {r["optimizer"]: r for r in d["runs"]}
+        for r in d["runs"]:
+            row = dict(N=d["world"], optimizer=r["optimizer"], tokens_per_s=r["tokens_per_s"],
+                       tokens_per_s_per_gpu=r["tokens_per_s_per_gpu"], step_ms=r["step_ms"],
+                       efficiency=r["tokens_per_s"] / (d["world"] * base[r["optimizer"]]) if r["optimizer"] in base else None)
+            if r["optimizer"] == "muon" and "adamw" in by_opt:
+                row["overhead_pct"] = 100 * (r["step_ms"] / by_opt["adamw"]["step_ms"] - 1)
+            rows.append(row)
+
+    def gap(a: dict, b: dict, key: str) -> float:
+        return max(abs(x - y) for x, y in zip(a[key], b[key]))
+
+    ref, parity = par.get((1, 0)), []
+    for (n, seed), d in sorted(par.items()):
+        if ref is not None and seed == 0 and n > 1:
+            parity.append(dict(N=n, max_val_gap=gap(d, ref, "val_loss"), max_train_gap=gap(d, ref, "train_loss"),
+                               final_val=d["final_val"], final_val_1=ref["final_val"]))
+    seed1, noise = par.get((1, 1)), None
+    if ref is not None and seed1 is not None:
+        noise = dict(max_val_gap=gap(seed1, ref, "val_loss"), max_train_gap=gap(seed1, ref, "train_loss"),
+                     final_val_gap=abs(seed1["final_val"] - ref["final_val"]))
+    for p in parity:
+        p["within_seed_noise"] = None if noise is None else p["max_val_gap"] <= noise["max_val_gap"]
+    lines = ["| N | optimizer | tokens/s | tokens/s per GPU | efficiency | ms/step | Muon overhead |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eff, ovh = r["efficiency"], r.get("overhead_pct")
+        lines.append(f"| {r['N']} | {r['optimizer']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+                     f"{'' if eff is None else f'{eff:.3f}'} | {r['step_ms']:.1f} | {'' if ovh is None else f'{ovh:.2f}%'} |")
+    for p in parity:
+        seed_noise = "?" if noise is None else f"{noise['max_val_gap']:.4f}"
+        lines.append(f"\nparity N={p['N']}: max |Δ val loss| {p['max_val_gap']:.4f} vs seed noise {seed_noise}; "
+                     f"final val {p['final_val']:.4f} (1 GPU: {p['final_val_1']:.4f})")
+    table = dict(device=thr[0]["device"] if thr else None, torch=thr[0]["torch"] if thr else None, rows=rows,
+                 parity=parity, seed_noise=noise, markdown="\n".join(lines))
+    (out / "scaling.json").write_text(json.dumps(table, indent=1))
+    (out / "scaling.md").write_text(table["markdown"] + "\n")
+    return table
+
+
+SCALING_COMMANDS = ("scaling", "sweep", "table")
+
+
+def scaling_main(argv: list[str]) -> None:
+    """``torchrun --nproc_per_node=N muon_speedrun.py scaling --out DIR`` (one N: throughput, then parity);
+    ``muon_speedrun.py sweep --out DIR [--gpus 1 2 4 8]`` (every N, then the table: see ``scaling_sweep``);
+    ``muon_speedrun.py table --out DIR`` (the table from the JSON files already in DIR)."""
+    import json
+
+    command, argv = argv[0], argv[1:]
+    ap = argparse.ArgumentParser(prog=f"muon_speedrun.py {command}", description=scaling_main.__doc__)
+    ap.add_argument("--out", required=True, help="folder of the JSON files")
+    if command == "table":
+        print(scaling_table(ap.parse_args(argv).out)["markdown"])
+        return
+    if command == "sweep":
+        ap.add_argument("--gpus", type=int, nargs="+", default=None, help="values of N (default 1, 2, 4, 8 up to the GPUs)")
+        a, rest = ap.parse_known_args(argv)
+        scaling_sweep(a.out, a.gpus, rest)
+        return
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="124M", help="the model timed")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences a step over all GPUs (preset's: 512)")
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation included)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--optimizers", nargs="*", default=["muon", "adamw"], help="timed in turn; none: skip the timing")
+    ap.add_argument("--parity-preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--parity-batch-size", type=int, default=64)
+    ap.add_argument("--parity-steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0], help="seeds of the parity runs; none: skip them")
+    ap.add_argument("--data", choices=["local", "fineweb", "random"], default="local", help="tokens of the parity runs")
+    ap.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (CPU tests)")
+    a = ap.parse_args(argv)
+    rank, world, device = init_distributed()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def model(preset: str) -> GPTConfig:
+        return replace(PRESETS[preset]["model"], **MODERN, **({} if a.vocab is None else dict(vocab_size=a.vocab)))
+
+    def write(name: str, d: dict) -> None:
+        if rank == 0:
+            (out / name).write_text(json.dumps({**_machine(device), **d}, indent=1))
+
+    if a.optimizers:
+        cfg, batch = model(a.preset), a.batch_size or PRESETS[a.preset]["batch_size"]
+        runs = [measure_throughput(cfg, device, batch_size=batch, micro_batch=a.micro_batch, warmup=a.warmup,
+                                   steps=a.steps, optimizer=o) for o in a.optimizers]
+        write(f"throughput_N{world}.json", dict(model=asdict(cfg), tokens_per_step=batch * cfg.seq_len, runs=runs))
+    for seed in a.seeds:
+        cfg = model(a.parity_preset)
+        write(f"parity_N{world}_seed{seed}.json", dict(model=asdict(cfg), **loss_parity(
+            cfg, device, batch_size=a.parity_batch_size, steps=a.parity_steps, seed=seed, data=a.data)))
     if world > 1:
         dist.destroy_process_group()
 
