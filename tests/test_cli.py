@@ -45,6 +45,7 @@ def test_run_executes_grades_and_writes_the_ledger(course, tmp_path, capsys):
     (["run", "00", "-p", "profile=gpu"], "pass the profile with --profile"),
     (["run", "00", "--profile", "gpu"], "needs a CUDA GPU"),
     (["run", "42"], "unknown chapter '42'; chapters are: 00_selftest"),
+    (["book", "--profile", "gpu"], "needs a CUDA GPU"),
 ])
 def test_bad_input_is_a_clear_error_and_changes_nothing(course, capsys, args, needle):
     before = tree(course)

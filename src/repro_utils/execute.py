@@ -14,7 +14,7 @@ from typing import Any
 
 from repro_utils import ledger, scoreboard
 from repro_utils.claims import Chapter, chapters
-from repro_utils.profiles import cuda_available, resolve
+from repro_utils.profiles import resolve, resolve_profile
 
 
 class PublishError(RuntimeError):
@@ -162,7 +162,7 @@ def run_book(root: Path, profile: str, *, publish: bool = False, build: bool = T
              only: list[str] | None = None) -> list[Result]:
     chs = [c for c in chapters(root) if not only or c.id in only]
     results = []
-    resolved = "gpu" if profile == "auto" and cuda_available() else ("smoke" if profile == "auto" else profile)
+    resolved = resolve_profile(profile)  # gpu/full without CUDA stops here, before any chapter runs
     for i, ch in enumerate(chs, 1):
         print(f"[{i}/{len(chs)}] {ch.id} · {resolved} (expected ~{ch.minutes.get(resolved, '?')} min) …", flush=True)
         try:
