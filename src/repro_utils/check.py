@@ -24,9 +24,9 @@ from repro_utils.claims import Claim, ClaimsError, load_chapter
 from repro_utils.profiles import COMMON
 
 
-def notebook_parameters(nb_path: Path) -> list[str]:
+def notebook_parameters(nb_path: Path, nb=None) -> list[str]:
     """Names assigned in the notebook's cell tagged ``parameters``."""
-    nb = nbformat.read(nb_path, as_version=4)
+    nb = nb if nb is not None else nbformat.read(nb_path, as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise ValueError(f"{nb_path}: expected one cell tagged 'parameters', found {len(cells)}")
@@ -40,14 +40,14 @@ def _check_notebook(root: Path, ch) -> list[str]:
     nb_path = ch.notebook
     if not nb_path.is_file():
         return [f"{nb_path}: missing (a chapter's notebook is named after its folder)"]
+    nb = nbformat.read(nb_path, as_version=4)
     try:
-        names = notebook_parameters(nb_path)
+        names = notebook_parameters(nb_path, nb)
     except (ValueError, SyntaxError) as e:
         return [str(e)]
     want = set(COMMON) | set(ch.parameters)
     if set(names) != want:
         problems.append(f"{nb_path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}")
-    nb = nbformat.read(nb_path, as_version=4)
     has_outputs = any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     if has_outputs:
         injected = nb.metadata.get("papermill", {}).get("parameters", {})

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -142,7 +141,3 @@ def rederive(data: dict[str, Any], path: str | Path = "<ledger>") -> list[str]:
             problems.append(f"{path}: claim {c['id']!r}: stored grade {c['grade']!r} but its measurement "
                             f"grades {g.rung!r} ({g.reason})")
     return problems
-
-
-def python_info() -> str:
-    return sys.version.split()[0]
