@@ -42,8 +42,37 @@ def test_correct_answer_scores_one_wrong_or_malformed_zero(problems):
 
 
 def test_every_worked_solution_is_correct_by_the_verifier(problems):
-    # the supervised targets must be right, or the warm-up teaches errors
+    # the supervised targets must be right, or the warm-up teaches errors; checks must not change that
     assert all(G.score(G.worked_solution(e), e) == 1.0 for e in problems)
+    assert all(G.score(G.worked_solution(e, check_prob=1.0), e) == 1.0 for e in problems)
+
+
+def test_checks_are_optional_lines_that_undo_the_step():
+    e = {"question": "q", "answer": "-10", "metadata": {"expression": "12 + 45 - 67", "source_dataset": "chain_sum"}}
+    assert G.worked_solution(e) == "12+45=57\n57-67=-10\n<answer>-10</answer>"
+    full = G.worked_solution(e, check_prob=1.0)
+    assert full == "12+45=57; 57-45=12\n57-67=-10; -10+67=57\n<answer>-10</answer>"
+    assert G.count_checks(full) == 2 and G.count_checks(G.worked_solution(e)) == 0
+    assert G.count_checks("1+2=3\n<answer>3;</answer>") == 0          # only the lines before the answer count
+    # about half the lines are checked in the warm-up data, and the choice is seeded
+    import random
+    rng = random.Random(0)
+    n = sum(G.count_checks(G.worked_solution(e, G.CHECK_PROB, rng)) for _ in range(500))
+    assert 400 < n < 600
+    assert G.worked_solution(e, 0.5, random.Random(3)) == G.worked_solution(e, 0.5, random.Random(3))
+    assert G.reference_length(e) == len(G.worked_solution(e)) + 1   # lengths are measured against the terse one
+
+
+def test_longest_checked_solution_fits_the_gpu_completion_length():
+    # a completion cut at max_completion_length has no answer and scores 0: the longest solution the warm-up teaches
+    # (every line checked, plus eos) must fit, or the length of the checked style would be punished by truncation
+    gpu = resolve(load_chapter(CHAPTER).parameters, {"profile": "gpu"}, cuda=True)
+    longest = max(len(G.worked_solution(e, check_prob=1.0)) + 1 for e in G.make_problems(20_000, seed=11))
+    assert longest <= gpu["max_completion_length"]
+    # the bound by construction: first term < 100, three steps of +-99
+    worst = {"question": "q", "answer": "-287",
+             "metadata": {"expression": "10 - 99 - 99 - 99", "source_dataset": "chain_sum"}}
+    assert len(G.worked_solution(worst, check_prob=1.0)) + 1 <= gpu["max_completion_length"]
 
 
 def test_reward_function_has_trl_signature_and_logs_lengths(problems):
@@ -55,9 +84,11 @@ def test_reward_function_has_trl_signature_and_logs_lengths(problems):
              entry=[json.dumps(e)] * 3, trainer_state=None)
     assert out == [1.0, 0.0, 0.0]
     ref = len(G.worked_solution(e)) + 1
-    assert log == [{"step": 0, "lengths": [5, 7, 2], "ref_lengths": [ref] * 3, "rewards": [1.0, 0.0, 0.0]}]
+    assert log == [{"step": 0, "lengths": [5, 7, 2], "ref_lengths": [ref] * 3, "checks": [0, 0, 0],
+                    "rewards": [1.0, 0.0, 0.0]}]
     rel = G.lengths_by_outcome(log)
     assert rel["correct_rel"] == [5 / ref] and rel["incorrect_rel"] == [pytest.approx(4.5 / ref)]
+    assert rel["checks_correct"] == [0.0] and rel["checks_incorrect"] == [0.0]
     chat = fn(completions=[[{"role": "assistant", "content": completions[0]}]], completion_ids=[[1]],
               entry=[json.dumps(e)])
     assert chat == [1.0]
@@ -132,6 +163,26 @@ def test_pass_at_k_matches_the_binomial_formula():
         assert G.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), rel=1e-9)
 
 
+def test_zero_signal_share_hand_example():
+    # n = 4 samples per problem, groups of G = 2: a problem with 0 or 4 right always gives an all-equal group;
+    # with 2 right, 2 of the C(4,2) = 6 pairs are all-equal (both right or both wrong)
+    assert G.zero_signal_share([0, 2, 4], 4, 2) == pytest.approx((1 + 1 + 2 / 6) / 3)
+    # the hypergeometric form, and with many samples close to the binomial p^G + (1-p)^G
+    assert G.zero_signal_share([200], 256, 4) == pytest.approx((math.comb(200, 4) + math.comb(56, 4)) / math.comb(256, 4))
+    assert G.zero_signal_share([200], 256, 4) == pytest.approx((200 / 256) ** 4 + (56 / 256) ** 4, rel=0.02)
+    with pytest.raises(ValueError):
+        G.zero_signal_share([1], 4, 8)
+
+
+def test_sft_stops_when_the_callback_says_so(problems):
+    tok = G.char_tokenizer()
+    model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0)
+    seen = []
+    losses = G.sft(model, tok, problems, steps=10, batch_size=4, lr=1e-3, callback=lambda s: seen.append(s) or s >= 4,
+                   every=2)
+    assert seen == [2, 4] and len(losses) == 4 and model.training
+
+
 def test_crossing_and_bootstrap():
     ks = [1, 2, 4]
     before = G.Evaluation(n=4, correct=None, ks=ks, pass_k={1: 0.2, 2: 0.5, 4: 0.9})
@@ -174,7 +225,8 @@ def test_check_against_trl_agrees_with_our_math(tmp_path, problems, loss_type):
 
 @pytest.mark.parametrize("bad", [{"grpo_steps": 0}, {"group_size": 1}, {"loss_types": ["ppo"]},
                                  {"eval_samples": 100}, {"policy": "gpt2"}, {"task": "countdown"},
-                                 {"beta": -0.1}, {"max_completion_length": "64"}, {"learning_rate": 1e-4}])
+                                 {"beta": -0.1}, {"max_completion_length": "64"}, {"learning_rate": 1e-4},
+                                 {"sft_target": 1.5}])
 def test_bad_parameters_fail_before_anything_runs(bad):
     params = load_chapter(CHAPTER).parameters
     with pytest.raises(ParameterError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import string
 import time
 from collections import defaultdict
@@ -32,11 +33,15 @@ from transformers import TrainerCallback
 # 1. The task and its verifier
 # ---------------------------------------------------------------------------------------------------------------
 
-# reasoning-gym's chain_sum: "State the final answer to the following arithmetic problem: 123 + 45 - 678 =".
-# 2-4 terms of 1-3 digits: a small model learns most of it from worked solutions, not all (carries, borrows).
-TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=3)}
+# reasoning-gym's chain_sum: "State the final answer to the following arithmetic problem: 12 + 45 - 67 =".
+# 2-4 terms of 1-2 digits: a small model learns most of it from worked solutions within the gpu budget, not all
+# (carries, borrows, signs), so that RL starts from a policy that is right on some samples of most problems.
+TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)}
 # The answer format reasoning-gym's own prompts ask for, read back by reasoning_gym.utils.extract_answer.
 INSTRUCTION = "Give the final answer as <answer>NUMBER</answer>."
+# Share of the warm-up's solution steps that carry a check (the inverse operation): the policy learns that a check
+# is optional, so the length of its answers is its own choice, which is what the length-bias claim needs.
+CHECK_PROB = 0.5
 
 
 def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] | frozenset = frozenset()) -> list[dict]:
@@ -52,16 +57,29 @@ def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] 
     return out
 
 
-def worked_solution(entry: dict) -> str:
-    """The step-by-step solution the small policy imitates before RL: ``12+34=46\\n46-5=41\\n<answer>41</answer>``."""
+def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | None = None) -> str:
+    """The step-by-step solution the small policy imitates before RL, one partial sum per line.
+
+    With ``check_prob`` 0 (the terse solution, the reference for lengths): ``12+45=57\n57-67=-10\n<answer>-10</answer>``.
+    Otherwise each line, with probability ``check_prob``, also undoes its step as a check: ``12+45=57; 57-45=12``.
+    A check never changes the answer; it only makes the solution longer (about 1.4x with every line checked).
+    """
     tokens = entry["metadata"]["expression"].split()
     acc, lines = int(tokens[0]), []
     for op, x in zip(tokens[1::2], tokens[2::2]):
         new = acc + int(x) if op == "+" else acc - int(x)
-        lines.append(f"{acc}{op}{x}={new}")
+        line = f"{acc}{op}{x}={new}"
+        if check_prob and (rng or random).random() < check_prob:
+            line += f"; {new}{'-' if op == '+' else '+'}{x}={acc}"
+        lines.append(line)
         acc = new
     assert str(acc) == entry["answer"], (entry, acc)
     return "\n".join(lines) + f"\n<answer>{entry['answer']}</answer>"
+
+
+def count_checks(completion: str) -> int:
+    """How many lines of a completion carry a check."""
+    return completion.split("<answer>")[0].count(";")
 
 
 def prompt_of(entry: dict) -> str:
@@ -92,7 +110,8 @@ def score(completion: str, entry: dict) -> float:
 
 
 def reference_length(entry: dict) -> float:
-    """Tokens of the worked solution plus eos, for the character tokenizer (NaN where the task has none)."""
+    """Tokens of the terse worked solution (no checks) plus eos, for the character tokenizer (NaN where the task
+    has none): the yardstick of the length-bias measurement."""
     if entry["metadata"]["source_dataset"] != "chain_sum":
         return float("nan")
     return float(len(worked_solution(entry)) + 1)
@@ -101,7 +120,8 @@ def reference_length(entry: dict) -> float:
 def make_reward_fn(log: list):
     """A TRL reward function ``(completions, completion_ids, entry, **kwargs) -> list[float]`` that scores with
     reasoning-gym and appends, for each generation batch, the step, the completion lengths (tokens), the lengths of
-    the problems' worked solutions and the rewards to ``log``: the record behind the length-bias plots."""
+    the problems' terse worked solutions, the checks written and the rewards to ``log``: the record behind the
+    length-bias plots."""
 
     def reasoning_gym_reward(completions, completion_ids, entry, trainer_state=None, **kwargs):
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or chat completions
@@ -109,7 +129,8 @@ def make_reward_fn(log: list):
         rewards = [score(t, e) for t, e in zip(texts, entries)]
         log.append({"step": trainer_state.global_step if trainer_state is not None else len(log),
                     "lengths": [len(ids) for ids in completion_ids],
-                    "ref_lengths": [reference_length(e) for e in entries], "rewards": rewards})
+                    "ref_lengths": [reference_length(e) for e in entries],
+                    "checks": [count_checks(t) for t in texts], "rewards": rewards})
         return rewards
 
     return reasoning_gym_reward
@@ -147,11 +168,13 @@ def tiny_policy(tokenizer, d_model: int = 256, n_layers: int = 4, seed: int = 0)
     return model
 
 
-def encode_sft(tokenizer, entries: list[dict], device="cpu"):
-    """Tokenize prompt + worked solution + eos once, right-padded: (input_ids, attention_mask, labels), where labels
-    are -100 on the prompt and the padding (the prompt is context, not a target)."""
+def encode_sft(tokenizer, entries: list[dict], device="cpu", check_prob: float = CHECK_PROB, seed: int = 0):
+    """Tokenize prompt + worked solution (each line checked with probability ``check_prob``) + eos once,
+    right-padded: (input_ids, attention_mask, labels), where labels are -100 on the prompt and the padding (the prompt
+    is context, not a target)."""
+    rng = random.Random(seed)
     prompts = tokenizer([prompt_of(e) for e in entries])["input_ids"]
-    sols = tokenizer([worked_solution(e) for e in entries])["input_ids"]
+    sols = tokenizer([worked_solution(e, check_prob, rng) for e in entries])["input_ids"]
     T = max(len(p) + len(c) + 1 for p, c in zip(prompts, sols))
     x = torch.full((len(entries), T), tokenizer.pad_token_id)
     y = torch.full((len(entries), T), -100)
@@ -164,11 +187,13 @@ def encode_sft(tokenizer, entries: list[dict], device="cpu"):
 
 def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: float, seed: int = 0,
         device="cpu", callback=None, every: int = 0) -> list[float]:
-    """Supervised warm-up on worked solutions (AdamW, linear warm-up then cosine decay). Returns the losses.
+    """Supervised warm-up on worked solutions (AdamW, linear warm-up then cosine decay over ``steps``). Returns the
+    losses.
 
-    ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there)."""
+    ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there); when it returns True the
+    warm-up stops at that step (the chapter stops once the policy is right often enough for RL to learn from)."""
     model.to(device).train()
-    X, M, Y = encode_sft(tokenizer, pool, device)
+    X, M, Y = encode_sft(tokenizer, pool, device, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -188,8 +213,10 @@ def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         if callback is not None and every and (step + 1) % every == 0:
-            callback(step + 1)
+            stop = callback(step + 1)
             model.train()
+            if stop:
+                break
     return [float(v) for v in torch.stack(losses).cpu()] if losses else []
 
 
@@ -438,19 +465,33 @@ def crossing_k(before: Evaluation, after: Evaluation) -> int | None:
 
 
 def lengths_by_outcome(reward_log: list[dict]) -> dict[str, list[float]]:
-    """Per generation batch: mean length (tokens) of correct (reward 1) and incorrect completions, and the same
-    relative to each problem's worked solution (``*_rel``: 1.0 = as long as the reference solution)."""
+    """Per generation batch: mean length (tokens) of correct (reward 1) and incorrect completions, the same relative
+    to each problem's terse worked solution (``*_rel``: 1.0 = as long as the solution without checks), and the mean
+    number of checks per completion (``checks_*``)."""
     out = defaultdict(list)
     for rec in reward_log:
         L, R = np.array(rec["lengths"], float), np.array(rec["rewards"])
         ref = np.array(rec.get("ref_lengths", [np.nan] * len(L)), float)
+        C = np.array(rec.get("checks", [np.nan] * len(L)), float)
         ok = R == 1.0
         out["step"].append(rec["step"])
         out["reward"].append(float(R.mean()))
         for name, sel in (("correct", ok), ("incorrect", ~ok)):
             out[name].append(float(L[sel].mean()) if sel.any() else float("nan"))
             out[name + "_rel"].append(float((L[sel] / ref[sel]).mean()) if sel.any() else float("nan"))
+            out["checks_" + name].append(float(C[sel].mean()) if sel.any() else float("nan"))
     return dict(out)
+
+
+def zero_signal_share(correct, n: int, group_size: int) -> float:
+    """The share of GRPO groups that carry no learning signal: the chance that ``group_size`` samples of a problem,
+    drawn from its ``n`` evaluated samples of which ``correct[p]`` are right, are all right or all wrong (their
+    advantages are then all zero), averaged over problems. Exact (hypergeometric) for the evaluated samples."""
+    if not 2 <= group_size <= n:
+        raise ValueError(f"group_size must lie in [2, n={n}], not {group_size}")
+    total = math.comb(n, group_size)
+    return float(np.mean([(math.comb(int(c), group_size) + math.comb(n - int(c), group_size)) / total
+                          for c in np.asarray(correct)]))
 
 
 def _sync():
