@@ -5,11 +5,13 @@ A small GPT whose feed-forward layer is either dense or a mixture of experts (Mo
     route            softmax router, top-k, optional selection-only bias     (Switch eq. 1-2; Wang et al. eq. 3)
     switch_aux_loss  the load-balancing loss                                  (Switch eq. 4-6)
     dispatch         sort assignments by expert, apply the capacity          (Switch eq. 3)
-    experts_grouped  one grouped matmul per projection (torch._grouped_mm)
-    combine          un-permute, weight by the gate, sum a token's k outputs  (Switch eq. 2)
+    to_experts       permute tokens into expert order (a gather; its backward a gather-sum, one Triton kernel)
+    grouped_mm       one grouped matmul for all experts (torch._grouped_mm)
+    combine          gate, un-permute, sum a token's k outputs (Switch eq. 2; one Triton kernel each way)
+    experts_grouped  the MoE FFN: to_experts, grouped_mm, gelu, grouped_mm, combine
     experts_loop     the reference: a Python loop over experts
     MoE / MLP / GPT  the model;  MoE.update_bias is Algorithm 1 of Wang et al. (2024)
-    train / evaluate the experiments;  bench_layer the systems bill
+    train / evaluate the experiments;  bench_layer and bench_parts the systems bill
 
 References: Fedus, Zoph & Shazeer 2021, "Switch Transformers" (JMLR 2022); Lepikhin et al. 2020, "GShard";
 Dai et al. 2024, "DeepSeekMoE"; Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for MoE".
@@ -25,6 +27,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # Triton runs the dispatch kernels on the GPU, or on the CPU with TRITON_INTERPRET=1 (slow: tests)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU path needs no Triton
+    triton = None
 
 # ----------------------------------------------------------------------------------------- the router
 
@@ -59,9 +67,15 @@ def switch_aux_loss(scores: torch.Tensor, top_idx: torch.Tensor, n_experts: int)
     With f_i scaled by N/k instead, it is the loss of Wang et al. eq. 2 (the same function).
     """
     n_tokens, k = top_idx.shape
-    f = torch.bincount(top_idx.flatten(), minlength=n_experts).float() / (n_tokens * k)  # eq. 5
+    f = expert_counts(top_idx, n_experts).float() / (n_tokens * k)  # eq. 5
     P = scores.float().mean(dim=0)  # eq. 6
     return n_experts * (f * P).sum()  # eq. 4 / α
+
+
+def expert_counts(top_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert; a scatter-add, where ``torch.bincount`` would sync with the host."""
+    idx = top_idx.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -76,9 +90,12 @@ def capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) 
 class Dispatch:
     slot: torch.Tensor  # (M,) kept assignments as indices into the choice-major list (k, N).flatten()
     token: torch.Tensor  # (M,) the token of each kept assignment; grouped by expert, in slot order
+    pos: torch.Tensor  # (k*N,) the row of each assignment in the grouped layout; M (a zero row) if dropped
     offsets: torch.Tensor  # (E,) int32 cumulative kept counts: expert e owns rows offsets[e-1]:offsets[e]
     counts: torch.Tensor  # (E,) int64 assignments per expert before the capacity cut (the load)
     n_dropped: torch.Tensor  # () int64 assignments over capacity: not computed, the residual carries them
+    k: int  # assignments per token
+    capped: bool  # whether a capacity was applied (then ``pos`` may point at the zero row M)
 
 
 def dispatch(top_idx: torch.Tensor, n_experts: int, cap: int | None = None) -> Dispatch:
@@ -87,65 +104,179 @@ def dispatch(top_idx: torch.Tensor, n_experts: int, cap: int | None = None) -> D
     Assignments are listed choice-major (every token's first choice, then every second choice), and the
     sort is stable, so within an expert first choices come before second choices and earlier tokens before
     later ones: that order decides who is dropped when an expert is over capacity (as in GShard).
+    All on the device, no host sync: one sort, each expert's end row by binary search in the sorted keys,
+    the inverse permutation by one scatter. Only a capacity needs the host (the kept count is a shape).
     """
-    n_tokens = top_idx.shape[0]
+    n_tokens, k = top_idx.shape
     flat = top_idx.t().reshape(-1)  # (k*N,) expert of slot s = choice * N + token
-    order = torch.sort(flat, stable=True).indices  # slots grouped by expert
-    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
-    kept = counts
-    if cap is not None:
-        kept = counts.clamp(max=cap)
-        first = torch.cumsum(counts, 0) - counts  # row where each expert's block starts in `order`
-        rank = torch.arange(order.numel(), device=order.device) - first[flat[order]]  # place in its block
-        order = order[rank < cap]  # over capacity: dropped (boolean indexing: one host sync)
-    return Dispatch(slot=order, token=order % n_tokens, offsets=torch.cumsum(kept, 0).to(torch.int32),
-                    counts=counts, n_dropped=(counts - kept).sum())
+    experts, order = torch.sort(flat, stable=True)  # slots grouped by expert
+    ends = torch.searchsorted(experts, torch.arange(n_experts, device=flat.device, dtype=flat.dtype), right=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) assignments per expert
+    n_slots = order.numel()
+    if cap is None:  # dropless: the grouped layout is `order` itself
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(n_slots, device=order.device))
+        return Dispatch(slot=order, token=order % n_tokens, pos=pos, offsets=ends.to(torch.int32), counts=counts,
+                        n_dropped=torch.zeros((), dtype=torch.int64, device=flat.device), k=k, capped=False)
+    kept = counts.clamp(max=cap)
+    rank = torch.arange(n_slots, device=order.device) - (ends - counts)[experts]  # place in its expert's block
+    slot = order[rank < cap]  # over capacity: dropped (boolean indexing: one host sync)
+    pos = torch.full_like(order, slot.numel()).scatter_(0, slot, torch.arange(slot.numel(), device=slot.device))
+    return Dispatch(slot=slot, token=slot % n_tokens, pos=pos, offsets=torch.cumsum(kept, 0).to(torch.int32),
+                    counts=counts, n_dropped=(counts - kept).sum(), k=k, capped=True)
 
 
-def _grouped_mm_works_on_cpu() -> bool:
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    try:  # torch >= 2.9 has a CPU kernel; check forward and backward once
-        a = torch.randn(4, 8, requires_grad=True)
-        b = torch.randn(2, 8, 8, requires_grad=True)
-        out = torch._grouped_mm(a, b, offs=torch.tensor([1, 4], dtype=torch.int32))
-        out.backward(torch.ones_like(out))
-        return True
-    except (RuntimeError, NotImplementedError):
-        return False
+def _zero_row(y: torch.Tensor) -> torch.Tensor:
+    return torch.cat([y, y.new_zeros(1, y.shape[1])])  # row M: where a dropped assignment reads from
 
 
-_CPU_GROUPED_MM = _grouped_mm_works_on_cpu()
+def _gather_sum_torch(src, pos, w, k):
+    """out[n] = Σ_c w[c·N+n] · src[pos[c·N+n]] (w = 1 when None; pos = M, past the end, reads zeros)."""
+    rows = _zero_row(src).index_select(0, pos)
+    if w is not None:
+        rows = rows * w.to(rows.dtype)[:, None]
+    return rows.view(k, pos.numel() // k, -1).sum(0)
+
+
+def _combine_bwd_torch(dout, y, pos, w, slot, token, k):
+    """The transpose of the gated combine: dy[r] = w[slot[r]] · dout[token[r]], dw[s] = <dout[s % N], y[pos[s]]>."""
+    dy = dout.index_select(0, token) * w[slot].to(dout.dtype)[:, None]
+    dw = (dout.repeat(k, 1) * _zero_row(y).index_select(0, pos)).sum(-1)
+    return dy, dw.to(w.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_sum_kernel(SRC, POS, W, OUT, N, M, D, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (n, j): out[n, cols] = Σ_c w[c·N+n] · src[pos[c·N+n], cols], fp32 accumulation."""
+        n = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in range(K):
+            r = tl.load(POS + c * N + n)
+            v = tl.load(SRC + r.to(tl.int64) * D + cols, mask=(cols < D) & (r < M), other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(W + c * N + n).to(tl.float32)
+            acc += v
+        tl.store(OUT + n.to(tl.int64) * D + cols, acc.to(OUT.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _combine_bwd_kernel(DOUT, Y, W, SLOT, TOKEN, DY, DW, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Program r (one kept row): dy[r] = w[slot[r]] · dout[token[r]] and dw[slot[r]] = <dout[token[r]], y[r]>."""
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.load(SLOT + r)
+        t = tl.load(TOKEN + r)
+        w = tl.load(W + s).to(tl.float32)
+        dot = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in range(0, D, BLOCK):
+            cols = j + tl.arange(0, BLOCK)
+            m = cols < D
+            g = tl.load(DOUT + t * D + cols, mask=m, other=0.0).to(tl.float32)
+            dot += g * tl.load(Y + r * D + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DY + r * D + cols, (w * g).to(DY.dtype.element_ty), mask=m)
+        tl.store(DW + s, tl.sum(dot, axis=0).to(DW.dtype.element_ty))
+
+
+def _block(d: int) -> int:
+    return min(1024, triton.next_power_of_2(d))
+
+
+def _gather_sum_triton(src, pos, w, k):
+    src, n, d = src.contiguous(), pos.numel() // k, src.shape[1]
+    out = torch.empty(n, d, dtype=src.dtype, device=src.device)
+    blk = _block(d)
+    _gather_sum_kernel[(n, triton.cdiv(d, blk))](src, pos, pos if w is None else w, out, n, src.shape[0], d, K=k,
+                                                 HAS_W=w is not None, BLOCK=blk, num_warps=4)
+    return out
+
+
+def _combine_bwd_triton(dout, y, pos, w, slot, token, k):
+    dout, y, d = dout.contiguous(), y.contiguous(), y.shape[1]
+    dy = torch.empty_like(y)
+    dw = torch.zeros_like(w)  # a dropped assignment's gate gets no gradient
+    if y.shape[0]:
+        _combine_bwd_kernel[(y.shape[0],)](dout, y, w, slot, token, dy, dw, D=d, BLOCK=_block(d), num_warps=4)
+    return dy, dw
+
+
+def _triton_ok(t: torch.Tensor, kernel: str | None) -> bool:
+    """Triton for CUDA tensors of 32 bits or fewer (it accumulates in fp32); torch otherwise.
+    ``kernel="triton"`` or ``"torch"`` forces one (the tests run Triton in its CPU interpreter)."""
+    if kernel is None:
+        return triton is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return kernel == "triton"
+
+
+class _ToExperts(torch.autograd.Function):
+    """Forward: xs = x[token], a copy of each token per kept assignment, grouped by expert.
+    Backward: its transpose, dx[n] = Σ_c dxs[pos[c·N+n]], a gather and a sum over k (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, token, pos, k, triton_):
+        ctx.save_for_backward(pos)
+        ctx.k, ctx.triton = k, triton_
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, g):
+        (pos,) = ctx.saved_tensors
+        gather_sum = _gather_sum_triton if ctx.triton else _gather_sum_torch
+        return gather_sum(g, pos, None, ctx.k), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Forward: out[n] = Σ_c w[c·N+n] · y[pos[c·N+n]]: each token's k expert outputs, times their gates,
+    summed (a dropped assignment reads nothing). Backward: dy[r] = w[slot[r]] · dout[token[r]] and the gates'
+    gradient <dout, y>. With Triton each direction is one kernel."""
+
+    @staticmethod
+    def forward(ctx, y, w, pos, slot, token, k, triton_):
+        ctx.save_for_backward(y, w, pos, slot, token)
+        ctx.k, ctx.triton = k, triton_
+        return (_gather_sum_triton if triton_ else _gather_sum_torch)(y, pos, w, k)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, w, pos, slot, token = ctx.saved_tensors
+        dy, dw = (_combine_bwd_triton if ctx.triton else _combine_bwd_torch)(dout, y, pos, w, slot, token, ctx.k)
+        return dy, dw, None, None, None, None, None
+
+
+def to_experts(x: torch.Tensor, d: Dispatch, kernel: str | None = None) -> torch.Tensor:
+    """(N, d) tokens → (M, d) rows grouped by expert, one per kept assignment."""
+    return _ToExperts.apply(x, d.token, d.pos, d.k, _triton_ok(x, kernel))
+
+
+def combine(y: torch.Tensor, d: Dispatch, gates: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """(M, d) expert outputs → (N, d), Switch eq. 2: each token's kept outputs times their gates (N, k),
+    summed. With gates of 1 it is the transpose of ``to_experts``."""
+    w = (torch.ones(d.pos.numel(), device=y.device) if gates is None else gates.t().reshape(-1)).contiguous()
+    return _Combine.apply(y, w, d.pos, d.slot, d.token, d.k, _triton_ok(y, kernel))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(M, d_in) rows grouped by expert  ×  (E, d_in, d_out) weights  →  (M, d_out).
 
-    Rows offsets[e-1]:offsets[e] are multiplied by w[e]; on the GPU this is one kernel
-    (``torch._grouped_mm``, bf16, CUTLASS grouped GEMM). Fallback: one ``mm`` per expert.
+    Rows offsets[e-1]:offsets[e] are multiplied by w[e]. On the GPU in bf16 this is one kernel
+    (``torch._grouped_mm``, a CUTLASS grouped GEMM), forward and backward. Elsewhere (CPU, float64):
+    one ``mm`` per expert, after one host sync to read the offsets.
     """
-    if hasattr(torch, "_grouped_mm") and (x.is_cuda or _CPU_GROUPED_MM) and x.dtype != torch.float64:
+    if x.is_cuda and x.dtype == torch.bfloat16:
         return torch._grouped_mm(x, w, offs=offsets)
-    ends = offsets.tolist()  # one host sync, then one mm per non-empty group
+    ends = offsets.tolist()
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))], dim=0)
 
 
-def experts_grouped(x: torch.Tensor, d: Dispatch, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Every expert's FFN, gelu(x W1_e) W2_e, on its rows: gather, then two grouped matmuls."""
-    dtype = torch.bfloat16 if x.is_cuda else x.dtype  # torch._grouped_mm on CUDA wants bf16
-    xs = x[d.token].to(dtype)  # (M, d): a copy of each token per kept assignment, grouped by expert
+def experts_grouped(x: torch.Tensor, d: Dispatch, w1: torch.Tensor, w2: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
+    """Switch eq. 2, y = Σ_{i∈T} p_i(x) E_i(x) with E_i(x) = gelu(x W1_i) W2_i: permute the tokens to their
+    experts, two grouped matmuls, then the combine (gate, un-permute, sum a token's k rows). A dropped
+    assignment adds nothing (the residual carries the token). bf16 on the GPU, as ``torch._grouped_mm`` wants."""
+    dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    xs = to_experts(x.to(dtype), d)  # (M, d)
     h = F.gelu(grouped_mm(xs, w1.to(dtype), d.offsets))  # (M, H)
-    return grouped_mm(h, w2.to(dtype), d.offsets)  # (M, d)
-
-
-def combine(y: torch.Tensor, d: Dispatch, gates: torch.Tensor) -> torch.Tensor:
-    """Switch eq. 2, y = Σ_{i∈T} p_i(x) E_i(x): put each expert output back in its slot, weighted by its
-    gate, then sum the k slots of every token. A dropped slot stays zero (the residual carries the token)."""
-    k, n_tokens = gates.shape[1], gates.shape[0]
-    w = gates.t().reshape(-1)[d.slot].to(y.dtype)  # (M,) gate of each kept assignment
-    slots = y.new_zeros(k * n_tokens, y.shape[1]).index_copy(0, d.slot, y * w[:, None])  # each slot once
-    return slots.view(k, n_tokens, -1).sum(dim=0)  # (N, d)
+    return combine(grouped_mm(h, w2.to(dtype), d.offsets), d, gates)  # (N, d)
 
 
 def experts_loop(x: torch.Tensor, top_idx: torch.Tensor, gates: torch.Tensor, w1: torch.Tensor,
@@ -226,7 +357,7 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.randn(E, H, d) * 0.02 / math.sqrt(2 * cfg.n_layer))  # (E, H, d)
         self.shared = MLP(d, cfg.n_shared * H, cfg.n_layer) if cfg.n_shared else None
         self.capacity_factor = cfg.capacity_factor  # may be changed after training, for evaluation
-        self.aux = self.counts = self.n_dropped = None  # set by forward
+        self.aux = self.counts = self.n_dropped = self.gate_mass = None  # set by forward
 
     def forward(self, x):
         B, T, d = x.shape
@@ -236,17 +367,18 @@ class MoE(nn.Module):
                   dtype=dtype)
         if cfg.dispatch == "loop":
             y = experts_loop(xf, r.top_idx, r.gates, self.w1, self.w2)
-            self.counts = torch.bincount(r.top_idx.flatten(), minlength=cfg.n_experts)
+            self.counts = expert_counts(r.top_idx, cfg.n_experts)
             self.n_dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         else:
             cap = None if self.capacity_factor is None else capacity(len(xf), cfg.n_experts, cfg.top_k,
                                                                        self.capacity_factor)
             disp = dispatch(r.top_idx, cfg.n_experts, cap)
-            y = combine(experts_grouped(xf, disp, self.w1, self.w2), disp, r.gates)
+            y = experts_grouped(xf, disp, self.w1, self.w2, r.gates)
             self.counts, self.n_dropped = disp.counts, disp.n_dropped
         if self.shared is not None:
             y = y + self.shared(xf)
         self.aux = switch_aux_loss(r.scores, r.top_idx, cfg.n_experts) if cfg.balance == "aux" else None
+        self.gate_mass = r.gates.detach().float().sum(dim=-1).mean()  # the share of E_i(x) that reaches y
         return y.view(B, T, d)
 
     @torch.no_grad()
@@ -324,7 +456,8 @@ def param_counts(model: GPT) -> dict[str, int]:
 
 
 class Corpus:
-    """Training tokens on the device (random windows), and fixed validation batches."""
+    """Training tokens on the device (random windows); fixed validation batches; and as many fixed batches
+    of training windows (``train_eval``), to compare the loss on seen text with the loss on unseen text."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, batch_size: int, eval_batches: int,
                  device):
@@ -337,6 +470,9 @@ class Corpus:
         idx = torch.arange(n_win)[:, None] * seq_len + torch.arange(seq_len + 1)[None]  # consecutive windows
         w = v[idx].to(device)
         self.val = [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, n_win, batch_size)]
+        starts = torch.randint(0, len(self.train) - seq_len - 1, (n_win,), generator=torch.Generator().manual_seed(0))
+        t = self.train[starts.to(device)[:, None] + torch.arange(seq_len + 1, device=device)]
+        self.train_eval = [(t[i:i + batch_size, :-1], t[i:i + batch_size, 1:]) for i in range(0, n_win, batch_size)]
 
     def sampler(self, seed: int):
         gen = torch.Generator().manual_seed(seed)
@@ -363,20 +499,23 @@ def _autocast(device):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None) -> dict:
-    """Validation loss, per-layer expert loads summed over the validation set, dropped assignments."""
+def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None, split: str = "val") -> dict:
+    """Loss on the validation batches (or on the fixed training windows, ``split="train"``); for an MoE also
+    the per-layer expert loads summed over the batches, the dropped share, and the gate mass (the mean
+    over tokens and layers of Σ_{i∈T} p_i(x), the weight with which the experts' output reaches the block)."""
     model.eval()
     moe = model.moe_layers()
     for m in moe:
         m.capacity_factor = capacity_factor
-    losses, counts, dropped = [], 0, 0
-    for x, y in corpus.val:
+    losses, counts, dropped, mass = [], 0, 0, []
+    for x, y in corpus.val if split == "val" else corpus.train_eval:
         with _autocast(corpus.device):
             ce, _ = model(x, y)
         losses.append(ce)
         if moe:
             counts = counts + torch.stack([m.counts for m in moe])
             dropped = dropped + torch.stack([m.n_dropped for m in moe]).sum()
+            mass.append(torch.stack([m.gate_mass for m in moe]).mean())
     for m in moe:
         m.capacity_factor = model.cfg.capacity_factor
     model.train()
@@ -385,6 +524,7 @@ def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None) -
         out["counts"] = counts.cpu()  # (L, E)
         out["maxvio_global"] = max_violation(out["counts"])
         out["dropped_frac"] = float(dropped) / float(counts.sum())
+        out["gate_mass"] = float(torch.stack(mass).mean())
     return out
 
 
@@ -398,6 +538,8 @@ class TrainResult:
     seed: int
     tokens: list[int] = field(default_factory=list)  # tokens seen at each evaluation
     val_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # on the fixed training windows, same evaluations
+    gate_mass: list[float] = field(default_factory=list)  # MoE: mean Σ gates per token on validation
     load: np.ndarray | None = None  # (steps, L, E) tokens per expert of each training batch
     final: dict = field(default_factory=dict)  # the last evaluation (loss, counts, maxvio_global, ...)
     seconds: float = 0.0  # training time, evaluations excluded
@@ -414,6 +556,7 @@ class TrainResult:
     def summary(self) -> dict:
         """A JSON-serialisable record of the run (no model, no per-step loads)."""
         out = {"name": self.name, "seed": self.seed, "tokens": self.tokens, "val_loss": self.val_loss,
+               "train_loss": self.train_loss, "gate_mass": self.gate_mass,
                "final_loss": self.final["loss"], "seconds": round(self.seconds, 2),
                "tokens_per_s": round(self.tokens_per_s), "diverged": self.diverged, "params": self.params,
                "config": {k: v for k, v in self.cfg.__dict__.items()}}
@@ -445,6 +588,9 @@ def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, s
             ev = evaluate(model, corpus)
             res.tokens.append(step * tokens_per_step)
             res.val_loss.append(ev["loss"])
+            res.train_loss.append(evaluate(model, corpus, split="train")["loss"])
+            if moe:
+                res.gate_mass.append(ev["gate_mass"])
             res.final = ev
             if not math.isfinite(ev["loss"]):
                 res.diverged = True
@@ -557,53 +703,107 @@ def forced_routing(n_tokens: int, n_experts: int, top_k: int, kind: str, device,
     return Routing(top_idx.to(device), gates.to(device), torch.empty(0, device=device))
 
 
-def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
-                time_fn, seed: int = 0) -> dict:
-    """Time one FFN layer, forward and forward+backward, bf16 on the GPU (fp32 on the CPU):
-    the grouped MoE layer and the loop MoE layer (both with their fp32 router), and a dense FFN of
-    width k·d_expert (the same active parameters). Also the expert part alone under balanced and
-    skewed routing. Returns milliseconds (medians of ``time_fn``) and tokens/s."""
+def _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed):
     torch.manual_seed(seed)
     dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
     def p(*shape, std=0.02):
         return (torch.randn(*shape, device=device) * std).to(dt).requires_grad_()
 
-    x = (torch.randn(n_tokens, d_model, device=device)).to(dt).requires_grad_()
-    router = (torch.randn(n_experts, d_model, device=device) * 0.02).requires_grad_()
-    w1, w2 = p(n_experts, d_model, d_expert), p(n_experts, d_expert, d_model)
-    dense1, dense2 = p(d_model, top_k * d_expert), p(top_k * d_expert, d_model)
-    dy = torch.randn(n_tokens, d_model, device=device).to(dt)
+    return dict(dt=dt, x=torch.randn(n_tokens, d_model, device=device).to(dt).requires_grad_(),
+                router=(torch.randn(n_experts, d_model, device=device) * 0.02).requires_grad_(),
+                w1=p(n_experts, d_model, d_expert), w2=p(n_experts, d_expert, d_model),
+                dense1=p(top_k * d_expert, d_model), dense2=p(d_model, top_k * d_expert),  # F.linear layout
+                dy=torch.randn(n_tokens, d_model, device=device).to(dt))
+
+
+def dense_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The dense baseline: gelu(x W1ᵀ) W2ᵀ, two cuBLAS matmuls (``F.linear``)."""
+    return F.linear(F.gelu(F.linear(x, w1)), w2)
+
+
+def moe_ffn(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, top_k: int,
+            r: Routing | None = None) -> torch.Tensor:
+    """The benchmarked MoE layer, dropless: fp32 router, dispatch, grouped experts and combine."""
+    r = route(x, router, top_k) if r is None else r
+    return experts_grouped(x, dispatch(r.top_idx, w1.shape[0]), w1, w2, r.gates)
+
+
+def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
+                time_fn, seed: int = 0) -> dict:
+    """Time one FFN layer, forward and forward+backward, bf16 on the GPU (fp32 on the CPU):
+    the grouped MoE layer and the loop MoE layer (both with their fp32 router), and a dense FFN of
+    width k·d_expert (the same active parameters). Also the experts alone (no router) under balanced and
+    skewed routing. Returns milliseconds (medians of ``time_fn``) and tokens/s."""
+    t = _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed)
+    x, router, w1, w2, dy = t["x"], t["router"], t["w1"], t["w2"], t["dy"]
 
     def grouped(r=None):
-        r = route(x, router, top_k) if r is None else r
-        d = dispatch(r.top_idx, n_experts)
-        return combine(experts_grouped(x, d, w1, w2), d, r.gates)
+        return moe_ffn(x, router, w1, w2, top_k, r)
 
     def loop(r=None):
         r = route(x, router, top_k) if r is None else r
-        return experts_loop(x, r.top_idx, r.gates.to(dt), w1, w2)
+        return experts_loop(x, r.top_idx, r.gates.to(t["dt"]), w1, w2)
 
     def dense():
-        return F.gelu(x @ dense1) @ dense2
+        return dense_ffn(x, t["dense1"], t["dense2"])
 
     def fwd_bwd(f, params):
         def run():
-            out = f()
-            torch.autograd.grad(out, params, dy)
+            torch.autograd.grad(f(), params, dy)
         return run
 
     moe_params = [x, router, w1, w2]
     timings = {}
     for name, f, params in [("grouped", grouped, moe_params), ("loop", loop, moe_params),
-                            ("dense", dense, [x, dense1, dense2])]:
+                            ("dense", dense, [x, t["dense1"], t["dense2"]])]:
         timings[f"{name}_fwd"] = time_fn(lambda f=f: f()).ms
         timings[f"{name}_fwdbwd"] = time_fn(fwd_bwd(f, params)).ms
     for kind in ("balanced", "skewed"):
         r = forced_routing(n_tokens, n_experts, top_k, kind, device, seed)
-        r.gates = r.gates.to(dt)
+        r.gates = r.gates.to(t["dt"])
         timings[f"grouped_{kind}_fwd"] = time_fn(lambda r=r: grouped(r)).ms
         timings[f"loop_{kind}_fwd"] = time_fn(lambda r=r: loop(r)).ms
-        timings[f"maxvio_{kind}"] = max_violation(torch.bincount(r.top_idx.flatten(), minlength=n_experts).cpu())
+        timings[f"maxvio_{kind}"] = max_violation(expert_counts(r.top_idx, n_experts).cpu())
     return {"ms": timings, "tokens_per_s": {k: n_tokens / (v / 1e3) for k, v in timings.items()
                                             if not k.startswith("maxvio")}}
+
+
+def bench_parts(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
+                time_fn, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Where the grouped layer's time goes: each stage timed alone (forward, and forward + backward with
+    respect to its inputs), on the inputs the previous stage produced; beside it the dense FFN's three
+    stages. {stage: {"fwd": ms, "fwdbwd": ms}}; the dispatch indices have no backward."""
+    t = _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed)
+    x, router, w1, w2 = t["x"], t["router"], t["w1"], t["w2"]
+    with torch.no_grad():
+        r = route(x, router, top_k)
+        d = dispatch(r.top_idx, n_experts)
+        h1 = grouped_mm(to_experts(x, d), w1, d.offsets)
+        y = grouped_mm(F.gelu(h1), w2, d.offsets)
+        hd = F.linear(x, t["dense1"])
+    leaf = lambda v: v.detach().requires_grad_()  # noqa: E731
+    xs, h1, h, y, gates = leaf(to_experts(x, d)), leaf(h1), leaf(F.gelu(h1)), leaf(y), leaf(r.gates)
+    hd, hd_act = leaf(hd), leaf(F.gelu(hd))
+    stages = {  # name: (forward, the inputs to differentiate, or None)
+        "router (fp32)": (lambda: route(x, router, top_k).gates, [x, router]),
+        "sort + offsets": (lambda: dispatch(r.top_idx, n_experts).pos, None),
+        "gather to experts": (lambda: to_experts(x, d), [x]),
+        "grouped GEMM 1": (lambda: grouped_mm(xs, w1, d.offsets), [xs, w1]),
+        "gelu": (lambda: F.gelu(h1), [h1]),
+        "grouped GEMM 2": (lambda: grouped_mm(h, w2, d.offsets), [h, w2]),
+        "combine": (lambda: combine(y, d, gates), [y, gates]),
+        "dense GEMM 1": (lambda: F.linear(x, t["dense1"]), [x, t["dense1"]]),
+        "dense gelu": (lambda: F.gelu(hd), [hd]),
+        "dense GEMM 2": (lambda: F.linear(hd_act, t["dense2"]), [hd_act, t["dense2"]]),
+    }
+    out = {}
+    for name, (f, params) in stages.items():
+        out[name] = {"fwd": time_fn(f).ms}
+        if params is not None:
+            g = torch.randn_like(f())
+
+            def run(f=f, params=params, g=g):
+                torch.autograd.grad(f(), params, g)
+            out[name]["fwdbwd"] = time_fn(run).ms
+    return out
