@@ -109,14 +109,28 @@ def test_int4_config_rejects_impossible_tiles():
         ptq.Int4Config("mma", 8, 32)
     with pytest.raises(ValueError, match="unknown INT4 kernel"):
         ptq.Int4Config("marlin", 16, 32)
+    with pytest.raises(ValueError, match="KW"):
+        ptq.Int4Config("gemv", 1, 32, KW=3)
+    with pytest.raises(ValueError, match="KW"):
+        ptq.Int4Config("mma", 16, 32, KW=8)
 
 
 def test_int4_candidates_divide_k():
     for M in (1, 2, 16, 32, 64):
-        for K in (4096, 14336):
-            cands = ptq.int4_candidates(M, 4096, K)
-            assert cands and all(K % (128 * c.KB * c.SPLIT_K) == 0 for c in cands)
+        for N, K in ((14336, 4096), (4096, 14336), (1024, 4096), (128256, 4096)):
+            cands = ptq.int4_candidates(M, N, K)
+            assert cands and all((K // c.SPLIT_K) % c.k_step() == 0 for c in cands)
             assert all(c.kernel != "gemv" for c in cands) or M == 1
+            assert all(c.BLOCK_M >= min(M, 64) for c in cands if c.kernel == "mma")
+
+
+def test_split_for_fills_the_gpu():
+    # up projection, 112 tiles of 128 outputs: 2 waves of 132 SMs need a split of 4 (the smallest divisor of
+    # the 32 input blocks with 112 * s >= 264)
+    assert ptq.split_for(14336, 4096, 128, 1, 1, 2) == 4
+    assert ptq.split_for(4096, 14336, 512, 1, 1, 2) == 56  # 8 tiles, 112 blocks: 8 * 28 < 264 <= 8 * 56
+    assert ptq.split_for(4096, 14336, 512, 1, 1, 8) == 112  # 8 * 112 < 1056: capped at one block each
+    assert ptq.split_for(128256, 4096, 64, 16, 1, 1) == 1
 
 
 def test_int4_kernel_needs_groups_of_128():
@@ -165,30 +179,48 @@ def test_fp8_quant_kernel_matches_reference():
 def test_int4_pack_round_trip():
     q = torch.randint(0, 16, (24, 384), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
     packed = ptq.pack_int4(q)
-    assert packed.shape == (24, 48) and packed.dtype == torch.int32
+    assert packed.shape == (48, 24) and packed.dtype == torch.int32  # K-major: (K / 8, N)
     assert torch.equal(ptq.unpack_int4(packed), q)
+    # the documented layout: nibble j of word row 16·b + r, column n, is input 128·b + 16·j + r of output n
+    b, r, j, n = 2, 5, 7, 11
+    assert ((packed[16 * b + r, n] >> (4 * j)) & 0xF).item() == q[n, 128 * b + 16 * j + r].item()
 
 
 @needs_triton
+@pytest.mark.parametrize("N", [96, 72])  # not multiples of the tile width: exercises the masks
 @pytest.mark.parametrize("M,config", [
-    (1, ptq.Int4Config("gemv", 1, 32)),  # one token on the CUDA cores
-    (1, ptq.Int4Config("gemv", 1, 16, SPLIT_K=2)),  # split-K: partial sums meet by atomic adds
-    (5, ptq.Int4Config("mma", 16, 32)),  # tensor cores, one tl.dot per group
+    (1, ptq.Int4Config("gemv", 1, 32, num_warps=1, KW=16)),  # one token on the CUDA cores, one group per step
+    (1, ptq.Int4Config("gemv", 1, 64, SPLIT_K=2, num_warps=2, KW=8)),  # split-K: the last program sums up
+    (1, ptq.Int4Config("gemv", 1, 32, SPLIT_K=4, num_warps=1, KW=4)),  # four programs, quarter groups
+    (1, ptq.Int4Config("mma", 16, 32, SPLIT_K=2)),  # one token on the tensor cores (15 rows of zeros)
+    (5, ptq.Int4Config("mma", 16, 32)),
     (20, ptq.Int4Config("mma", 16, 64, SPLIT_K=2)),  # several M blocks, split-K
-    (1, ptq.Int4Config("v1", 1, 32)),  # the first version, CUDA-core path
-    (3, ptq.Int4Config("v1", 4, 32, KB=2)),  # ... two packing blocks per step
-    (20, ptq.Int4Config("v1", 32, 64, SPLIT_K=2, KB=2)),  # ... tensor-core path
+    (33, ptq.Int4Config("mma", 32, 32, SPLIT_K=4)),
 ])
-def test_int4_kernel_matches_dequantized_matmul(M, config):
+def test_int4_kernel_matches_dequantized_matmul(N, M, config):
     g = torch.Generator().manual_seed(M)
-    W = torch.randn(96, 512, generator=g) * 0.02  # N = 96: not a multiple of 64, exercises the masks
+    W = torch.randn(N, 512, generator=g) * 0.02
     w4 = ptq.Int4Weight.from_qweight(ptq.rtn(W, 4, 128))
     x = torch.randn(M, 512, generator=g).to(torch.bfloat16)
-    y = ptq.int4_matmul(x, w4, config)
     ref = x.float() @ w4.dequantize().t()
-    assert y.shape == (M, 96) and y.dtype == torch.bfloat16
-    # fp32 accumulation of the same products; the only loss is the bf16 output (2^-8 relative)
-    assert (y.float() - ref).abs().max() <= 2.0**-7 * ref.abs().max()
+    for _ in range(2):  # the second call finds the split-K workspace and counters as the first left them
+        y = ptq.int4_matmul(x, w4, config)
+        assert y.shape == (M, N) and y.dtype == torch.bfloat16
+        # fp32 accumulation of the same products; the only loss is the bf16 output, which the interpreter
+        # rounds toward zero: up to one bf16 ulp (2^-7) of the largest output
+        assert (y.float() - ref).abs().max() <= 2.0**-7 * ref.abs().max()
+    if config.SPLIT_K > 1:
+        ws, cnt = ptq._WORKSPACE[x.device]
+        assert not ws.any() and not cnt.any()  # left clean for the next call
+
+
+def test_int4_weight_dequantize_matches_rtn():
+    W = torch.randn(40, 256, generator=torch.Generator().manual_seed(10)) * 0.02
+    qw = ptq.rtn(W, 4, 128)
+    w4 = ptq.Int4Weight.from_qweight(qw)
+    # the same codes and zero points; only the scales are rounded to bf16 (2^-9 relative)
+    assert (w4.dequantize() - qw.dequantize()).abs().max() <= 2.0**-8 * qw.dequantize().abs().max()
+    assert w4.nbytes() == 40 * 256 // 2 + 40 * 2 * 3
 
 
 @needs_triton
@@ -196,8 +228,9 @@ def test_int4_dequant_kernel():
     W = torch.randn(80, 256, generator=torch.Generator().manual_seed(7)) * 0.02
     w4 = ptq.Int4Weight.from_qweight(ptq.rtn(W, 4, 128))
     ref = w4.dequantize()
-    out = ptq.int4_dequantize(w4).float()
+    out = ptq.int4_dequantize_t(w4).float().t()
     # bf16 output: the interpreter's float32 -> bf16 conversion truncates, so up to one bf16 ulp (2^-7)
+    assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 2.0**-7 * ref.abs().max()
 
 
