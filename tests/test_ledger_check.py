@@ -3,6 +3,7 @@ grade changes and stale scoreboards are caught."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -111,6 +112,32 @@ def test_committed_outputs_from_a_smoke_run_are_caught(course, tmp_path):
     nb.metadata["papermill"] = {"parameters": {"profile": "smoke"}}
     nbformat.write(nb, nb_path)
     assert any("committed outputs come from a 'smoke' run" in p for p in check(course))
+
+
+def test_studied_code_edited_after_the_published_run_is_caught(course):
+    """A published notebook shows a function's source (display.show); editing that function afterwards
+    without rerunning would make the book show code that never ran."""
+    from repro_utils.display import source
+
+    gpu_ledger(course)
+    chapter = course / "chapters" / "00_selftest"
+    module = chapter / "selftest_code.py"
+    module.write_text("import math\n\n\nclass Sampler:\n    def mean(self, xs):\n        total = sum(xs)\n\n"
+                      "        return total / len(xs)\n\n\ndef spread(xs):\n    return max(xs) - min(xs)\n")
+    spec = importlib.util.spec_from_file_location("selftest_code", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shown = "\n\n\n".join([source(mod.Sampler.mean), source(mod.spread)])  # what show(mean, spread) renders
+    nb_path = chapter / "00_selftest.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("display_data", data={"text/markdown": f"```python\n{shown}\n```"})]
+    nb.metadata["papermill"] = {"parameters": {"profile": "gpu"}}
+    nbformat.write(nb, nb_path)
+    assert check(course) == []  # the method (dedented, with its blank line) and the function are found
+    module.write_text(module.read_text().replace("return total / len(xs)", "return total / max(1, len(xs))"))
+    problems = check(course)
+    assert len(problems) == 1 and "shows code that is no longer in the chapter's modules" in problems[0], problems
+    assert "def mean(self, xs):" in problems[0]
 
 
 def test_a_notebook_whose_parameters_differ_from_claims_is_caught(course):

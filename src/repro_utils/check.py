@@ -5,7 +5,9 @@
   measurement; the grading fields it stored equal those claims.yaml declares now (a test changed after
   the run means the run must be repeated, never that the grade is kept);
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
-- a committed notebook with outputs comes from a gpu or full run whose ledger is committed;
+- a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
+  piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
+  edited after the run means the run must be repeated);
 - book/scoreboard.md is what ``repro scoreboard`` would write.
 """
 
@@ -57,7 +59,36 @@ def _check_notebook(root: Path, ch) -> list[str]:
                             "runs are committed (repro run --profile gpu --publish)")
         elif not (root / "results" / profile / f"{ch.id}.json").is_file():
             problems.append(f"{nb_path}: outputs from a {profile} run but results/{profile}/{ch.id}.json is missing")
+        problems += _check_shown_code(root, nb_path, nb)
     return problems
+
+
+_SHOWN = re.compile(r"```python\n(.*?)\n```", re.S)
+
+
+def shown_code(nb) -> list[str]:
+    """The pieces of source a notebook's outputs show through ``display.show`` (one per object shown)."""
+    pieces = []
+    for c in nb.cells:
+        for out in c.get("outputs", []) if c.cell_type == "code" else []:
+            text = out.get("data", {}).get("text/markdown", "")
+            text = "".join(text) if isinstance(text, list) else text
+            for block in _SHOWN.findall(text):
+                pieces += [p for p in block.split("\n\n\n") if p.strip()]
+    return pieces
+
+
+def _check_shown_code(root: Path, nb_path: Path, nb) -> list[str]:
+    """Each shown piece must occur in a module of the chapter (or of repro_utils), at some indentation."""
+    texts = []
+    for f in [*sorted(nb_path.parent.glob("*.py")), *sorted((root / "src" / "repro_utils").glob("*.py"))]:
+        lines = f.read_text().splitlines()
+        for k in (0, 4, 8, 12):  # show() dedents methods and nested functions
+            texts.append("\n".join(ln[k:] if ln.startswith(" " * k) else ln.lstrip(" ") if not ln.strip() else ln
+                                   for ln in lines))
+    stale = [p.splitlines()[0] for p in shown_code(nb) if not any(p in t for t in texts)]
+    return [f"{nb_path}: shows code that is no longer in the chapter's modules (edited after the run: rerun "
+            f"the chapter): {line[:80]!r}" for line in stale]
 
 
 def _git(root: Path, *args: str) -> str | None:
