@@ -84,8 +84,7 @@ def _check_shown_code(root: Path, nb_path: Path, nb) -> list[str]:
     for f in [*sorted(nb_path.parent.glob("*.py")), *sorted((root / "src" / "repro_utils").glob("*.py"))]:
         lines = f.read_text().splitlines()
         for k in (0, 4, 8, 12):  # show() dedents methods and nested functions
-            texts.append("\n".join(ln[k:] if ln.startswith(" " * k) else ln.lstrip(" ") if not ln.strip() else ln
-                                   for ln in lines))
+            texts.append("\n".join(ln[k:] if ln.startswith(" " * k) else ln.strip() and ln for ln in lines))
     stale = [p.splitlines()[0] for p in shown_code(nb) if not any(p in t for t in texts)]
     return [f"{nb_path}: shows code that is no longer in the chapter's modules (edited after the run: rerun "
             f"the chapter): {line[:80]!r}" for line in stale]
