@@ -201,6 +201,31 @@ for name in ("grouped layer, old router", "grouped layer, new router"):
     times[name]["dense_over_grouped"] = ratio
 report["timings_ms"] = times
 
+print("  kernels alone (no autograd), eager / graphed: is a stage's time the GPU's or the host's?")
+with torch.no_grad():
+    rt = moe.route(x, router, K)
+    dd = moe.dispatch(rt.top_idx, E)
+    yk = torch.randn(dd.slot.numel(), D, device=dev, dtype=x.dtype)
+    wk = rt.gates.t().reshape(-1).contiguous()
+    dl = torch.randn(N, E, device=dev)
+    xf = x.detach().float()
+    kernels = {
+        "router fwd, Triton (logits+softmax+top-k)": lambda: moe._router_fwd_triton(x.detach(), router.detach(), None, K, True),
+        "router bwd, Triton (dx + dW partials)": lambda: moe._router_bwd_triton(None, g_gates, x.detach(), router.detach(),
+                                                                               rt.scores, rt.top_idx, True),
+        "old router: x.float()": lambda: x.detach().float(),
+        "old router: logits = F.linear(x32, W)": lambda: F.linear(xf, router.detach()),
+        "old router: dW = dlᵀ x32 (fp32 mm, K = N)": lambda: dl.t() @ xf,
+        "old router: dx = dl W (fp32 mm, K = E)": lambda: dl @ router.detach(),
+        "combine fwd, Triton gather-sum": lambda: moe._gather_sum_triton(yk, dd.pos, wk, K),
+        "combine bwd, Triton": lambda: moe._combine_bwd_triton(t["dy"], yk, dd.pos, wk, dd.slot, dd.token, K),
+        "to_experts bwd, Triton gather-sum": lambda: moe._gather_sum_triton(yk, dd.pos, None, K),
+        "dispatch (sort, searchsorted, scatter)": lambda: moe.dispatch(rt.top_idx, E),
+    }
+    for name, f in kernels.items():
+        times[name] = {"eager": timed(f), "graph": timed(f, True)}
+        print(f"    {name:<46} {times[name]['eager']!s:>9} {times[name]['graph']!s:>9}")
+
 print("  bench_parts (new router):")
 parts = moe.bench_parts(N, D, H, E, K, dev, time_fn)
 for s, v in parts.items():
