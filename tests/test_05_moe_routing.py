@@ -144,6 +144,78 @@ def test_triton_permutation_kernels_match_torch(cap):
         assert int(d.n_dropped) > 0 and torch.count_nonzero(results["triton"][4]) < N * k  # dropped: no gate grad
 
 
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_router_function_gradcheck_and_agreement_with_autograd(gate, with_bias):
+    # _Router's hand-written backward (the gates' gradient scattered onto the scores', softmax/sigmoid backward,
+    # dx and dW) against finite differences in float64, and against the plain-autograd router in float32
+    torch.manual_seed(6)
+    N, d, E, k = 23, 12, 6, 2
+    bias = torch.randn(E) * 0.05 if with_bias else None
+    x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, d, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w):
+        r = moe.route(x, w, k, gate=gate, bias=bias, dtype=torch.float64, kernel="torch")
+        return r.scores, r.gates
+    assert torch.autograd.gradcheck(f, (x, w))
+    g_s, g_g = torch.randn(N, E), torch.randn(N, k)
+    got = {}
+    for name, fn in (("new", lambda a, b: moe.route(a, b, k, gate=gate, bias=bias, kernel="torch")),
+                     ("autograd", lambda a, b: moe.route_autograd(a, b, k, gate=gate, bias=bias))):
+        a, b = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        r = fn(a, b)
+        torch.autograd.backward([r.scores, r.gates], [g_s, g_g])
+        got[name] = (r.top_idx, r.scores, r.gates, a.grad, b.grad)
+    new, ref = got["new"], got["autograd"]
+    assert all(torch.equal(u, v) for u, v in zip(new[:3], ref[:3]))  # the same forward ops: bit-identical
+    for u, v in zip(new[3:], ref[3:]):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6)  # float32, the backward's sums in another order
+
+
+def test_router_saves_x_as_it_came_and_returns_dx_in_its_dtype():
+    x = torch.randn(10, 8).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(4, 8, requires_grad=True)
+    r = moe.route(x, w, 2, kernel="torch")
+    assert r.scores.dtype == torch.float32 and r.gates.dtype == torch.float32  # Switch §2.4: an fp32 router
+    saved = r.gates.grad_fn.saved_tensors
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)  # no float32 copy of x kept
+    r.gates.sum().backward()  # only the gates used: the scores' gradient is None, not a tensor of zeros
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    assert moe.route(x, w, 2, dtype=torch.bfloat16).scores.dtype == torch.bfloat16  # the bf16 router: autograd
+
+
+@needs_triton
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("E,k", [(6, 2), (32, 1)])
+def test_triton_router_matches_torch(gate, E, k):
+    # the GPU's router (one kernel forward, two backward), run by Triton's CPU interpreter, against the torch path
+    torch.manual_seed(7)
+    N, d = 70, 40  # N, d not multiples of the blocks; E padded to 16 (or a power of two) for tl.dot
+    bias = torch.randn(E) * 0.05
+    x, w = torch.randn(N, d) * 0.2, torch.randn(E, d)  # logits of a few units: no sigmoid saturated to 1.0 (ties)
+    g_s, g_g = torch.randn(N, E), torch.randn(N, k)
+    for b in (None, bias):
+        got = {}
+        for kernel in ("torch", "triton"):
+            a, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+            r = moe.route(a, ww, k, gate=gate, bias=b, kernel=kernel)
+            torch.autograd.backward([r.scores, r.gates], [g_s, g_g])
+            got[kernel] = (r.top_idx, r.scores, r.gates, a.grad, ww.grad)
+        assert torch.equal(got["triton"][0], got["torch"][0])
+        for u, v in zip(got["triton"][1:], got["torch"][1:]):
+            assert torch.allclose(u, v, rtol=1e-5, atol=1e-5 * v.abs().max().item())  # float32 rounding
+    xb = x.to(torch.bfloat16)
+    grads = {}
+    for kernel in ("torch", "triton"):  # bf16 x, gates only: dx comes back in bf16
+        a, ww = xb.clone().requires_grad_(), w.clone().requires_grad_()
+        moe.route(a, ww, k, gate=gate, kernel=kernel).gates.sum().backward()
+        grads[kernel] = (a.grad, ww.grad)
+    assert grads["triton"][0].dtype == torch.bfloat16
+    assert torch.allclose(grads["triton"][0].float(), grads["torch"][0].float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(grads["triton"][1], grads["torch"][1], rtol=1e-5, atol=1e-5)
+
+
 def test_capacity_follows_switch_eq_3():
     assert moe.capacity(n_tokens=1024, n_experts=8, top_k=1, capacity_factor=1.0) == 128
     assert moe.capacity(1024, 8, 1, 1.25) == 160
