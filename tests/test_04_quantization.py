@@ -235,6 +235,23 @@ def test_int4_dequant_kernel():
 
 
 @needs_triton
+def test_read_kernel_reads_every_word_once():
+    # the read floor's kernel must touch each word exactly once (grid-stride, masked tail), or it times less than
+    # the bytes: the xor of all words, from the per-program partial xors, checks coverage and no double counting
+    words = torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    programs, block = 3, 256
+    out = torch.zeros(programs, dtype=torch.int32)
+    ptq._read_kernel[(programs,)](words, out, words.numel(), BLOCK=block, ITERS=-(-words.numel() // (programs * block)))
+    want = 0
+    for w in words.tolist():
+        want ^= w
+    got = 0
+    for w in out.tolist():
+        got ^= w
+    assert got == want
+
+
+@needs_triton
 def test_add_rmsnorm_and_silu_mul_kernels():
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 200, generator=g).to(torch.bfloat16)

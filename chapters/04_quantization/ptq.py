@@ -9,7 +9,7 @@ The notebook shows these functions with ``repro_utils.display.show``; what it sh
                                                       (Triton), int4_matmul, tune_int4, int4_linear,
                                                       tinygemm_pack / tinygemm_linear (torch's built-in kernel)
 5. Models: a small GPT (quality), a Llama-3-8B-shaped decoder (speed)
-6. Measurement: training, perplexity, timing sweeps, ceilings of the machine
+6. Measurement: training, perplexity, timing sweeps, ceilings of the machine (read_floor: the INT4 bytes' floor)
 """
 
 from __future__ import annotations
@@ -1085,6 +1085,44 @@ def measure_ceilings(device="cuda", n: int = 8192):
     flops = 2 * n**3
     return {"copy_GBps": 2 * 2**30 / t_copy / 1e6, "bf16_TFLOPs": flops / t_bf16 / 1e9,
             "fp8_TFLOPs": flops / t_fp8 / 1e9, "n": n}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _read_kernel(A, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """Read n int32 words once (grid-stride, BLOCK words a step) and write one word per program."""
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.int32)
+        for it in tl.range(0, ITERS, num_stages=3):
+            idx = (it * tl.num_programs(0) + pid) * BLOCK + offs
+            acc ^= tl.load(A + idx, mask=idx < n, other=0, eviction_policy="evict_first")
+        tl.store(OUT + pid, tl.xor_sum(acc, axis=0))
+
+
+def read_floor(nbytes: int, *, device="cuda", seed: int = 0) -> dict:
+    """The floor under any kernel that must read ``nbytes`` once, timed as bench_linears times a layer (CUDA-graph
+    replays, L2 flushed): the fastest of a few grids of a Triton kernel that reads the bytes and computes
+    nothing, and the same kernel on 16 KB (the fixed cost of one graphed kernel under this timer)."""
+    from repro_utils.bench import time_fn
+
+    words = torch.randint(-2**31, 2**31 - 1, (-(-nbytes // 4),), device=device, dtype=torch.int32,
+                          generator=torch.Generator(device=device).manual_seed(seed))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sink = torch.empty(8 * sms, device=device, dtype=torch.int32)
+
+    def read(w, programs, block):
+        _read_kernel[(programs,)](w, sink, w.numel(), BLOCK=block, ITERS=-(-w.numel() // (programs * block)),
+                                  num_warps=4)
+
+    def timed(*args):
+        return time_fn(partial(read, *args), warmup=10, rep=40, graph=True).ms
+
+    grids = {(p * sms, b): timed(words, p * sms, b) for p in (2, 4, 8) for b in (1024, 2048, 4096)}
+    (programs, block), ms = min(grids.items(), key=lambda kv: kv[1])
+    return {"bytes": 4 * words.numel(), "ms": ms, "GBps": 4 * words.numel() / ms / 1e6,
+            "grid": [programs, block], "ms_16KB": timed(words[:4096], 1, 4096)}
 
 
 def linear_bytes(M: int, K: int, N: int, fmt: str, group_size: int = 128) -> float:
