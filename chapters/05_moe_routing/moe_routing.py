@@ -927,8 +927,8 @@ def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_
     skewed routing. Returns milliseconds (medians of ``time_fn``, launched eagerly from Python) and tokens/s.
     On the GPU, grouped and dense forward + backward are also timed as CUDA-graph replays (``grouped_fwdbwd_graph``,
     ``dense_fwdbwd_graph``): the GPU's own time, which grouped-vs-dense grades. Eagerly, the grouped layer's
-    ~40 kernels wait on the host's launch path at this size while the dense FFN's few large ones do not; the loop
-    syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times."""
+    many small kernels wait on the host's launch path at this size while the dense FFN's few large ones do not;
+    the loop syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times."""
     t = _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed)
     x, router, w1, w2, dy = t["x"], t["router"], t["w1"], t["w2"], t["dy"]
 
