@@ -1103,26 +1103,31 @@ if triton is not None:
 
 def read_floor(nbytes: int, *, device="cuda", seed: int = 0) -> dict:
     """The floor under any kernel that must read ``nbytes`` once, timed as bench_linears times a layer (CUDA-graph
-    replays, L2 flushed): the fastest of a few grids of a Triton kernel that reads the bytes and computes
-    nothing, and the same kernel on 16 KB (the fixed cost of one graphed kernel under this timer)."""
+    replays, L2 flushed): the fastest of a sweep of grids (programs per SM, words per step, warps) of a Triton
+    kernel that reads the bytes and computes nothing; the same kernel on 16 KB (the fixed cost of one graphed
+    kernel under this timer); and, for scale, cuBLAS's bf16 GEMV (M = 1) on a weight of as many bytes."""
     from repro_utils.bench import time_fn
 
-    words = torch.randint(-2**31, 2**31 - 1, (-(-nbytes // 4),), device=device, dtype=torch.int32,
-                          generator=torch.Generator(device=device).manual_seed(seed))
+    g = torch.Generator(device=device).manual_seed(seed)
+    words = torch.randint(-2**31, 2**31 - 1, (-(-nbytes // 4),), device=device, dtype=torch.int32, generator=g)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    sink = torch.empty(8 * sms, device=device, dtype=torch.int32)
+    sink = torch.empty(64 * sms, device=device, dtype=torch.int32)
 
-    def read(w, programs, block):
+    def read(w, programs, block, warps):
         _read_kernel[(programs,)](w, sink, w.numel(), BLOCK=block, ITERS=-(-w.numel() // (programs * block)),
-                                  num_warps=4)
+                                  num_warps=warps)
 
-    def timed(*args):
-        return time_fn(partial(read, *args), warmup=10, rep=40, graph=True).ms
+    def timed(fn, *args):
+        return time_fn(partial(fn, *args), warmup=10, rep=40, graph=True).ms
 
-    grids = {(p * sms, b): timed(words, p * sms, b) for p in (2, 4, 8) for b in (1024, 2048, 4096)}
-    (programs, block), ms = min(grids.items(), key=lambda kv: kv[1])
+    grids = {(p * sms, b, w): timed(read, words, p * sms, b, w)
+             for p in (4, 8, 16, 32, 64) for b in (1024, 2048, 4096) for w in (4, 8)}
+    (programs, block, warps), ms = min(grids.items(), key=lambda kv: kv[1])
+    W = torch.randn(nbytes // 2 // 4096, 4096, generator=g, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, generator=g, device=device, dtype=torch.bfloat16)
     return {"bytes": 4 * words.numel(), "ms": ms, "GBps": 4 * words.numel() / ms / 1e6,
-            "grid": [programs, block], "ms_16KB": timed(words[:4096], 1, 4096)}
+            "grid": {"programs": programs, "block": block, "warps": warps}, "grids_tried": len(grids),
+            "ms_16KB": timed(read, words[:4096], 1, 4096, 4), "ms_cublas_bf16_gemv": timed(F.linear, x, W)}
 
 
 def linear_bytes(M: int, K: int, N: int, fmt: str, group_size: int = 128) -> float:
