@@ -1,4 +1,5 @@
-"""The ladder, rung by rung, and its boundaries. Grading is pure: same inputs, same grade and reason."""
+"""The ladder, rung by rung, and its boundaries; then the evidence standard: intervals, replicates,
+controls and power, substitutes, goals. Grading is pure: same inputs, same grade and reason."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def claim(**kw) -> Claim:
         reduced_scale_if={"at_least": 5},
         partial_if={"at_least": 2},
         profiles={"gpu": "own", "full": "own"},
+        # the ladder's own tests use single exact numbers; the standard's tests below declare replicates
+        deterministic="peak bytes from the allocator's counters at fixed shapes",
+        power="standard attention at N=4096 materialises a 4096² score matrix per head: 10x is far from noise",
     )
     base.update(kw)
     return Claim(**base)
@@ -123,11 +127,13 @@ def test_measurement_that_declares_itself_reduced_cannot_be_graded_reproduced():
     assert grade(claim(), m(17.9, scale="reduced"), "gpu").rung == REDUCED
 
 
-def test_several_seeds_grade_their_mean_and_report_the_spread():
-    g = grade(claim(), m(None, values=[9.0, 11.0, 13.0], seeds=[0, 1, 2]), "gpu")
-    assert g.rung == REPRODUCED  # mean 11 ≥ 10
-    assert "11 ± 2x, mean ± sd of 3 runs" in g.reason
-    assert grade(claim(), m(None, values=[8.0, 9.0, 12.0]), "gpu").rung == PARTIAL  # mean 9.67 < 10
+def test_several_seeds_grade_their_t_interval_not_their_mean():
+    c = claim(deterministic=None, replicates=3)
+    g = grade(c, m(None, values=[11.0, 12.0, 13.0], seeds=[0, 1, 2]), "gpu")
+    # mean 12, sd 1, t(0.975, 2) = 4.3027: [12 - 2.484, 12 + 2.484] = [9.516, 14.48] straddles 10
+    assert g.rung == UNVERIFIED and "straddles" in g.reason and "[9.516, 14.48]" in g.reason
+    g = grade(c, m(None, values=[11.5, 12.0, 12.5]), "gpu")  # [10.76, 13.24]: the whole interval passes
+    assert g.rung == REPRODUCED and "95% t interval, n=3" in g.reason
 
 
 def test_value_must_be_the_mean_of_values():
@@ -149,13 +155,144 @@ def test_grading_is_pure():
     assert grade(claim(), m(7.0), "gpu") == grade(claim(), m(7.0), "gpu")
 
 
-def test_the_reason_is_one_sentence():
+def test_the_reason_is_one_sentence_ending_in_a_full_stop():
     for v in (17.9, 7.0, 3.0, 1.0):
         reason = grade(claim(), m(v), "gpu").reason
-        assert reason.endswith(".") and reason.count(". ") == 0
+        assert reason.endswith(".")
 
 
 def test_describe_test_reads_like_math():
     assert describe_test({"at_least": 10}, "x") == "≥ 10x"
     assert describe_test({"within": {"of": 20, "rel": 0.1}}, "x") == "within 10% of 20x"
     assert describe_test({"between": [0.68, 1.13]}, "") == "in [0.68, 1.13]"
+
+
+# --- the evidence standard ----------------------------------------------------------------------
+
+from repro_utils.claims import Goal  # noqa: E402
+from repro_utils.grading import (  # noqa: E402
+    MET,
+    NOT_MET,
+    bootstrap_interval,
+    grade_goal,
+    t_interval,
+    t_quantile,
+)
+
+
+def replicated(**kw) -> Claim:
+    return claim(**{"deterministic": None, "power": None, "replicates": 3, **kw})
+
+
+@pytest.mark.parametrize("df,q", [(1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (30, 2.042272)])
+def test_t_quantiles_match_the_tables(df, q):
+    assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-6)  # tables give 6 decimals
+
+
+def test_t_interval_of_three_seeds():
+    iv = t_interval([2.0937979245999325, 1.7425301427899516, 2.0264328166757966])
+    # scipy.stats.t.interval(0.95, 2, loc=mean, scale=sem) gives (1.4911458, 2.4173614)
+    assert (iv.lo, iv.hi) == (pytest.approx(1.4911458, abs=1e-6), pytest.approx(2.4173614, abs=1e-6))
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    vals = [1.0, 1.1, 0.9, 1.05, 0.95, 1.02, 0.98, 1.01, 0.99, 1.0]
+    a, b = bootstrap_interval(vals), bootstrap_interval(vals)
+    assert a == b and a.lo < a.mean < a.hi and a.method == "bootstrap"
+
+
+@pytest.mark.parametrize("values,rung", [
+    ([10.0, 10.0, 10.0], REPRODUCED),   # a degenerate interval touching the bar from above: passes (≥)
+    ([9.9, 10.0, 10.1], UNVERIFIED),    # [9.75, 10.25] touches both sides of 10: inconclusive
+    ([6.0, 7.0, 8.0], PARTIAL),         # [4.52, 9.48] fails 10; straddles 5 but passes 2: Partial either way
+    ([6.9, 7.0, 7.1], PARTIAL),         # [6.75, 7.25] fails 10, passes 5
+    ([1.0, 1.1, 1.2], UNVERIFIED),      # fails every test, but no control and no power: cannot say Not reproduced
+])
+def test_the_interval_decides_or_the_grade_is_unverified(values, rung):
+    assert grade(replicated(), m(None, values=values), "gpu").rung == rung
+
+
+def test_an_interval_touching_a_bar_exactly_passes_it():
+    c = replicated(holds_if={"at_least": 1.0}, reduced_scale_if=None, partial_if=None)
+    iv = t_interval([1.5, 2.0, 2.5])
+    lo_shift = 1.0 - iv.lo  # shift the replicates so that the interval's lower end sits exactly on the bar
+    vals = [1.5 + lo_shift, 2.0 + lo_shift, 2.5 + lo_shift]
+    assert t_interval(vals).lo == pytest.approx(1.0, abs=1e-12)
+    assert grade(c, m(None, values=vals), "gpu").rung in (REPRODUCED, UNVERIFIED)  # float rounding either side
+    assert grade(c, m(None, values=[v + 1e-9 for v in vals]), "gpu").rung == REPRODUCED
+
+
+def test_one_replicate_when_three_are_declared_is_unverified_and_says_so():
+    g = grade(replicated(), m(17.9), "gpu")
+    assert g.rung == UNVERIFIED and "1 replicate recorded where 3 are declared" in g.reason
+    g = grade(replicated(), m(None, values=[17.0, 18.0]), "gpu")
+    assert g.rung == UNVERIFIED and "2 replicates recorded where 3 are declared" in g.reason
+
+
+def test_a_deterministic_claim_whose_values_differ_is_refused():
+    g = grade(claim(), m(None, values=[17.0, 18.0]), "gpu")
+    assert g.rung == UNVERIFIED and "declared deterministic" in g.reason
+
+
+def test_a_negative_needs_a_passing_control_or_a_power_argument():
+    values = [1.0, 1.1, 1.2]  # fails every test decisively
+    assert grade(replicated(), m(None, values=values), "gpu").rung == UNVERIFIED
+    powered = replicated(power="the claimed 20x is 40 times the run-to-run spread of this ratio (0.5x)")
+    g = grade(powered, m(None, values=values), "gpu")
+    assert g.rung == NOT_REPRODUCED and "power:" in g.reason
+    ctl = {"what": "standard attention's own growth from N=2048 to 4096", "unit": "x", "holds_if": {"at_least": 3}}
+    c = replicated(control=ctl)
+    assert grade(c, m(None, values=values), "gpu").rung == UNVERIFIED  # control declared, not measured
+    failing = m(None, values=values, control={"setting": "same run", "values": [2.0, 2.1, 2.2]})
+    g = grade(c, failing, "gpu")
+    assert g.rung == UNVERIFIED and "could not show the effect" in g.reason and "it fails" in g.reason
+    passing = m(None, values=values, control={"setting": "same run", "values": [3.9, 4.0, 4.1]})
+    assert grade(c, passing, "gpu").rung == NOT_REPRODUCED
+
+
+def test_a_declared_control_that_fails_also_withholds_a_positive():
+    ctl = {"what": "RTN-3's perplexity increase", "unit": "%", "holds_if": {"at_least": 5}}
+    c = replicated(control=ctl)
+    good = [17.8, 17.9, 18.0]
+    g = grade(c, m(None, values=good, control={"setting": "same run", "values": [0.8, 0.85, 0.9]}), "gpu")
+    assert g.rung == UNVERIFIED and "could not fail" in g.reason
+    g = grade(c, m(None, values=good, control={"setting": "same run", "values": [6.0, 6.5, 7.0]}), "gpu")
+    assert g.rung == REPRODUCED
+
+
+def test_a_substitute_artifact_grades_unverified():
+    c = replicated(subject="Marlin")
+    vals = [2.4, 2.45, 2.5]
+    g = grade(c, m(None, values=vals, artifact="the chapter's Triton INT4 kernel"), "gpu")
+    assert g.rung == UNVERIFIED and "Substitute" in g.reason and "Marlin" in g.reason
+    assert grade(c, m(None, values=vals), "gpu").rung == UNVERIFIED  # the run did not say what it measured
+    assert grade(c, m(None, values=[17.8, 17.9, 18.0], artifact="Marlin"), "gpu").rung == REPRODUCED
+
+
+def test_a_reduced_scale_failure_is_labelled_so():
+    c = replicated(profiles={"gpu": "reduced"}, power="a declared argument with a number: 3x the noise")
+    g = grade(c, m(None, values=[1.0, 1.1, 1.2]), "gpu")
+    assert g.rung == NOT_REPRODUCED and g.label == "Not reproduced (reduced scale)"
+    assert grade(claim(), m(1.0), "gpu").label == "Not reproduced"  # own scale: no label
+
+
+def goal(**kw) -> Goal:
+    base = dict(id="moe-layer-vs-dense", goal="Our grouped layer runs at 0.7x of dense or better.", metric="ratio",
+                unit="x", target={"at_least": 0.7}, baseline="dense FFN, same run", profiles=("gpu",),
+                replicates=3)
+    base.update(kw)
+    return Goal(**base)
+
+
+@pytest.mark.parametrize("values,result", [
+    ([0.80, 0.81, 0.82], MET), ([0.50, 0.51, 0.52], NOT_MET), ([0.6, 0.7, 0.8], UNVERIFIED),
+])
+def test_a_goal_is_met_not_met_or_inconclusive(values, result):
+    assert grade_goal(goal(), m(None, values=values), "gpu").rung == result
+
+
+def test_a_goal_is_never_a_rung_of_the_ladder():
+    g = grade_goal(goal(), m(None, values=[0.80, 0.81, 0.82]), "gpu")
+    assert g.rung not in (REPRODUCED, REDUCED, PARTIAL, NOT_REPRODUCED)
+    assert grade_goal(goal(), m(None, values=[0.8]), "gpu").rung == UNVERIFIED  # 1 of 3 replicates
+    assert grade_goal(goal(), m(None, values=[0.8, 0.8, 0.8]), "smoke").rung == UNVERIFIED  # not its profile

@@ -28,11 +28,12 @@ def gpu_ledger(course: Path, mean: float = 0.5003, needs_gpu: float | None = 1.8
     run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
               started="2026-11-24T12:00:00+00:00", t0=time.time())
     with mock.patch("repro_utils.run.reference_gpu", return_value=on_reference_gpu):
-        run.record("uniform-mean", mean, setting="n=1000000, torch")
+        run.record("uniform-mean", values=[mean - 1e-4, mean, mean + 1e-4], setting="n=1000000, torch")
         if needs_gpu is not None:
             run.record("needs-gpu", needs_gpu, setting="H100")
-    path = course / "results" / "gpu" / "00_selftest.json"
-    ledger.write(path, run.to_dict())
+    data = run.to_dict()
+    path = ledger.path_for(course, data)
+    ledger.write(path, data)
     scoreboard.write(course)
     return path
 
@@ -88,6 +89,13 @@ def test_a_grade_change_between_commits_needs_a_dated_correction(course):
     assert any("'needs-gpu' went from 'Reproduced' to 'Not reproduced'" in p for p in problems), problems
     corr = course / "book" / "corrections.md"
     corr.write_text(corr.read_text() + "\n## Log\n- 2026-11-25 · 00_selftest / needs-gpu · Reproduced → Not reproduced · rerun\n")
+    # the same protocol graded two ways by two runs of one device: unstable, and that needs explaining too
+    problems = check(course)
+    assert len(problems) == 1 and "'needs-gpu' is unstable" in problems[0], problems
+    corr.write_text(corr.read_text() + "- 2026-11-25 · 00_selftest / needs-gpu · unstable · the second run used a "
+                    "slower kernel\n")
+    scoreboard.write(course)  # the scoreboard marks the claim "unstable (explained in Corrections)"
+    assert "**unstable** (explained in Corrections)" in (course / "book" / "scoreboard.md").read_text()
     assert check(course) == []
 
 
@@ -157,6 +165,7 @@ def test_a_claim_added_after_the_run_needs_a_rerun(course):
     claimed: {value: 1, setting: s}
     holds_if: {at_least: 1}
     profiles: {gpu: own}
+    deterministic: "an exact count, the same every run"
 """
     src.write_text(text)
     assert any("'added-later' is declared but the run did not grade it" in p for p in check(course))
@@ -179,3 +188,74 @@ def test_a_gpu_run_off_the_reference_gpu_is_graded_at_reduced_scale(course):
     assert entry["grade"] == "Reproduced at reduced scale"  # 1.8x passes, but not on an H100/H200
     assert entry["measured"]["scale"] == "reduced" and "reference" in entry["measured"]["note"]
     assert check(course) == []
+
+
+# --- the evidence standard in `repro check` ------------------------------------------------------
+
+def device_ledger(course: Path, device: str, needs_gpu: float) -> Path:
+    """The self-test's gpu ledger as if run on ``device``."""
+    path = gpu_ledger(course, needs_gpu=needs_gpu)
+    data = json.loads(path.read_text())
+    path.unlink()
+    data["fingerprint"]["device"] = device
+    dest = ledger.path_for(course, data)
+    ledger.write(dest, data)
+    scoreboard.write(course)
+    return dest
+
+
+def test_two_devices_that_disagree_make_the_claim_unstable_until_explained(course):
+    device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    device_ledger(course, "NVIDIA H200", 1.2)  # Reproduced on one, Not reproduced on the other
+    problems = check(course)
+    assert len(problems) == 1 and "'needs-gpu' is unstable" in problems[0] and "NVIDIA H200" in problems[0], problems
+    board = (course / "book" / "scoreboard.md").read_text()
+    assert "H100 80GB HBM3 · gpu" in board and "H200 · gpu" in board and "**unstable**" in board
+    corr = course / "book" / "corrections.md"
+    corr.write_text(corr.read_text() + "\n## Log\n- 2026-12-04 · 00_selftest / needs-gpu · unstable · the H200's "
+                    "faster memory speeds up the baseline only\n")
+    scoreboard.write(course)
+    assert check(course) == []
+
+
+def test_publishing_one_device_never_touches_another_devices_run(course):
+    a = device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    before = a.read_bytes()
+    b = device_ledger(course, "NVIDIA H200", 1.9)
+    assert a != b and a.read_bytes() == before and b.is_file()
+
+
+def test_a_metric_changed_under_an_old_id_is_caught(course):
+    gpu_ledger(course)
+    git_commit(course, "a published run under schema 2")
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text().replace("metric: anything", "metric: something else"))
+    problems = check(course)
+    assert any("'needs-gpu': its metric, unit or test changed under the same id" in p for p in problems), problems
+
+
+def test_a_hand_edited_replicate_is_caught(course):
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    m = data["claims"][0]["measured"]
+    m["values"][0] += 0.003  # a replicate nudged by hand; value no longer their mean
+    path.write_text(json.dumps(data))
+    assert any("'uniform-mean'" in p and "inconsistent" in p for p in check(course))
+    m["value"] = sum(m["values"]) / 3  # and the mean fixed up too: the stored interval gives it away
+    path.write_text(json.dumps(data))
+    assert any("'uniform-mean'" in p and "hand-edited replicate" in p for p in check(course))
+
+
+def test_a_ledger_in_the_old_layout_is_caught(course):
+    path = gpu_ledger(course)
+    old = course / "results" / "gpu" / "00_selftest.json"
+    old.write_text(path.read_text())
+    assert any("old layout" in p for p in check(course))
+
+
+def test_a_schema_1_ledger_must_be_regraded(course):
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1
+    path.write_text(json.dumps(data))
+    assert any("predates the evidence standard" in p for p in check(course))

@@ -1,8 +1,9 @@
 """repro_utils: the small shared package of the course "Trust, but reproduce".
 
-Modules, one job each: claims (what a chapter declares), grading (the ladder), profiles (profiles and
-parameters), run (what a notebook calls), ledger (results JSON), data (corpora and tokens),
-bench (timing), check / scoreboard / execute / cli (the ``repro`` command).
+Modules, one job each: claims (what a chapter declares), grading (the ladder and the interval rule),
+profiles (profiles and parameters), run (what a notebook calls), ledger (results JSON, one per device),
+records (regrade, export, import), data (corpora and tokens), bench (timing), check / scoreboard /
+execute / cli (the ``repro`` command).
 """
 
 from repro_utils.grading import Grade, Measurement, grade

@@ -62,6 +62,21 @@ def ratio(baseline: Timing, candidate: Timing) -> float:
     return baseline.ms / candidate.ms
 
 
+def ratios(baseline: Callable[[], object], candidate: Callable[[], object], *, replicates: int = 5,
+           graph: bool = False, **kw) -> list[float]:
+    """Replicates of a speed-up: ``replicates`` ratios baseline/candidate, each from its own pair of timings,
+    baseline and candidate alternating so that drift in clocks or host load hits both. These are the
+    ``values`` a speed claim's interval is formed from (one median pair does not make an interval)."""
+    if replicates < 1:
+        raise ValueError(f"replicates must be at least 1, not {replicates}")
+    out = []
+    for _ in range(replicates):
+        b = time_fn(baseline, graph=graph, **kw)
+        c = time_fn(candidate, graph=graph, **kw)
+        out.append(ratio(b, c))
+    return out
+
+
 def peak_memory(fn: Callable[[], object]) -> int:
     """Peak CUDA bytes allocated while running ``fn`` (above what was allocated before it)."""
     import torch

@@ -1,10 +1,15 @@
 """``repro check``: the committed course is consistent.
 
 - every claims.yaml validates, and its notebook declares exactly the chapter's parameters;
-- every ledger validates, belongs to a chapter, and every stored grade re-derives from its stored
-  measurement; the grading fields it stored equal those claims.yaml declares now (a test changed after
-  the run means the run must be repeated, never that the grade is kept);
+- every ledger (``results/<profile>/<chapter>/<device>.json``) validates, sits where its content says,
+  belongs to a chapter, and every stored grade and interval re-derives from its stored replicates; the
+  grading fields it stored equal those claims.yaml declares now (a test changed after the run means the
+  run must be repeated or regraded, never that the grade is kept);
+- a claim's metric, unit and tests never change under the same id across published runs (evidence
+  standard, rule 7): a changed metric is a new claim;
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
+- a claim graded differently on two devices (or by two runs of one device at the same protocol) is
+  *unstable*, and needs a dated line in book/corrections.md that explains it;
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
   piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
   edited after the run means the run must be repeated);
@@ -21,8 +26,8 @@ from pathlib import Path
 
 import nbformat
 
-from repro_utils import ledger, scoreboard
-from repro_utils.claims import Claim, ClaimsError, load_chapter
+from repro_utils import ledger
+from repro_utils.claims import Claim, ClaimsError, Goal, load_chapter
 from repro_utils.profiles import COMMON
 
 
@@ -57,8 +62,8 @@ def _check_notebook(root: Path, ch) -> list[str]:
         if profile not in ("gpu", "full"):
             problems.append(f"{nb_path}: committed outputs come from a {profile!r} run; only gpu or full "
                             "runs are committed (repro run --profile gpu --publish)")
-        elif not (root / "results" / profile / f"{ch.id}.json").is_file():
-            problems.append(f"{nb_path}: outputs from a {profile} run but results/{profile}/{ch.id}.json is missing")
+        elif not any((root / "results" / profile / ch.id).glob("*.json")):
+            problems.append(f"{nb_path}: outputs from a {profile} run but results/{profile}/{ch.id}/ holds no ledger")
         problems += _check_shown_code(root, nb_path, nb)
     return problems
 
@@ -98,11 +103,19 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def ledger_versions(root: Path, rel: str) -> list[tuple[str, dict]]:
-    """Committed versions of a ledger, oldest first, then the working copy if it differs."""
+    """Committed versions of a ledger, oldest first (following renames: the ledgers moved to one file
+    per device), then the working copy if it differs."""
     out = []
-    log = _git(root, "log", "--format=%H", "--", rel)
-    for commit in reversed((log or "").split()):
-        text = _git(root, "show", f"{commit}:{rel}")
+    log = _git(root, "log", "--follow", "--name-only", "--format=@%H", "--", rel) or ""
+    pairs, commit = [], None
+    for line in log.splitlines():
+        if line.startswith("@"):
+            commit = line[1:]
+        elif line.strip() and commit:
+            pairs.append((commit, line.strip()))
+            commit = None
+    for commit, path in reversed(pairs):
+        text = _git(root, "show", f"{commit}:{path}")
         if text:
             try:
                 out.append((commit[:10], json.loads(text)))
@@ -119,24 +132,36 @@ def ledger_versions(root: Path, rel: str) -> list[tuple[str, dict]]:
 DATED = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
 
 
+def _entries(data: dict) -> list[dict]:
+    return list(data.get("claims", [])) + list(data.get("goals", []))
+
+
 def grade_changes(root: Path, rel: str) -> list[tuple[str, str, str, str, str]]:
     """(chapter, claim, old grade, new grade, version) for each change between consecutive versions."""
     changes = []
     versions = ledger_versions(root, rel)
     for (_, a), (label, b) in zip(versions, versions[1:]):
-        old = {c["id"]: c["grade"] for c in a.get("claims", [])}
-        for c in b.get("claims", []):
+        old = {c["id"]: c["grade"] for c in _entries(a)}
+        for c in _entries(b):
             if c["id"] in old and old[c["id"]] != c["grade"]:
                 changes.append((b["chapter"], c["id"], old[c["id"]], c["grade"], label))
     return changes
 
 
-def check_corrections(root: Path) -> list[str]:
+def correction_log(root: Path) -> list[str]:
     corrections = root / "book" / "corrections.md"
     lines = corrections.read_text().splitlines() if corrections.is_file() else []
-    log = lines[next((i for i, ln in enumerate(lines) if ln.strip() == "## Log"), len(lines)):]
+    return lines[next((i for i, ln in enumerate(lines) if ln.strip() == "## Log"), len(lines)):]
+
+
+def ledger_files(root: Path) -> list[Path]:
+    return sorted((root / "results").glob("*/*/*.json"))
+
+
+def check_corrections(root: Path) -> list[str]:
+    log = correction_log(root)
     problems = []
-    for f in sorted((root / "results").glob("*/*.json")):
+    for f in ledger_files(root):
         rel = str(f.relative_to(root))
         for chapter, cid, old, new, label in grade_changes(root, rel):
             change = f"{old} → {new}"
@@ -145,6 +170,88 @@ def check_corrections(root: Path) -> list[str]:
                 problems.append(f"{rel}: claim {cid!r} went from {old!r} to {new!r} ({label}) with no dated line "
                                 f"under '## Log' in book/corrections.md like "
                                 f"'- YYYY-MM-DD · {chapter} / {cid} · {change} · why'")
+    return problems
+
+
+def check_identity(root: Path, chapters: dict) -> list[str]:
+    """Rule 7: under one id, the metric, unit and tests never change across published runs (schema 2 on)
+    and the current claims.yaml. The old id keeps its history; a changed claim takes a new id."""
+    problems = []
+    for f in ledger_files(root):
+        rel = str(f.relative_to(root))
+        seen: dict[str, tuple[str, dict]] = {}
+        versions = [(lbl, d) for lbl, d in ledger_versions(root, rel) if d.get("schema_version", 1) >= 2]
+        ch = chapters.get(f.parent.name)
+        now = []
+        if ch is not None:
+            now = [("claims.yaml", {"claims": [{"id": c.id, "declared": c.to_dict()} for c in ch.claims],
+                                    "goals": [{"id": g.id, "declared": g.to_dict()} for g in ch.goals]})]
+        for lbl, d in versions + now:
+            for kind, entries in (("claim", d.get("claims", [])), ("goal", d.get("goals", []))):
+                for c in entries:
+                    spec = (Claim if kind == "claim" else Goal).from_dict(c["declared"])
+                    key = f"{kind}:{c['id']}"
+                    if key in seen and seen[key][1] != spec.identity():
+                        problems.append(f"{rel}: {kind} {c['id']!r}: its metric, unit or test changed under the same "
+                                        f"id (version {seen[key][0]}: {seen[key][1]}; {lbl}: {spec.identity()}): "
+                                        "a changed metric is a new claim: declare it under a new id, and say why in "
+                                        "book/corrections.md")
+                        continue
+                    seen.setdefault(key, (lbl, spec.identity()))
+    return sorted(set(problems))
+
+
+def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
+    """Per claim or goal id: the grade on each device (latest run) and whether it is unstable, that is,
+    graded differently by two devices, or by two consecutive runs of one device, at the same protocol."""
+    out: dict[str, dict] = {}
+    for f in sorted((root / "results" / profile / chapter).glob("*.json")):
+        try:
+            data = ledger.read(f)
+        except ledger.LedgerError:
+            continue  # reported by check() itself
+        device = data["fingerprint"]["device"]
+        for c in _entries(data):
+            rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "flips": []})
+            rec["grades"][device] = c["grade"]
+            rec["views"][device] = json.dumps(_view(c), sort_keys=True)
+        rel = str(f.relative_to(root))
+        versions = ledger_versions(root, rel)
+        for (_, a), (lbl, b) in zip(versions, versions[1:]):
+            if b.get("schema_version", 1) < 2 or a.get("schema_version", 1) < 2:
+                continue
+            old = {c["id"]: c for c in _entries(a)}
+            for c in _entries(b):
+                o = old.get(c["id"])
+                if o and o["grade"] != c["grade"] and _view(o) == _view(c) and c["id"] in out:
+                    out[c["id"]]["flips"].append(f"{device}: {o['grade']} then {c['grade']} ({lbl})")
+    for rec in out.values():
+        same_protocol = len(set(rec["views"].values())) == 1
+        rec["unstable"] = bool(rec["flips"]) or (same_protocol and len(set(rec["grades"].values())) > 1)
+    return out
+
+
+def _view(entry: dict) -> dict:
+    d = entry["declared"]
+    spec = Goal.from_dict(d) if "goal" in d else Claim.from_dict(d)
+    return spec.grading_view()
+
+
+def explained(log: list[str], chapter: str, cid: str) -> bool:
+    return any(DATED.search(ln) and f"{chapter} / {cid}" in ln and "unstable" in ln for ln in log)
+
+
+def check_stability(root: Path, chapters: dict) -> list[str]:
+    log = correction_log(root)
+    problems = []
+    for ch in chapters.values():
+        for profile in ("gpu", "full"):
+            for cid, rec in stability(root, ch.id, profile).items():
+                if rec["unstable"] and not explained(log, ch.id, cid):
+                    where = "; ".join([f"{d}: {g}" for d, g in rec["grades"].items()] + rec["flips"])
+                    problems.append(f"results/{profile}/{ch.id}: {cid!r} is unstable ({where}) and book/corrections.md "
+                                    f"does not explain it: add '- YYYY-MM-DD · {ch.id} / {cid} · unstable · why' "
+                                    "(or strengthen its protocol and rerun)")
     return problems
 
 
@@ -162,32 +269,44 @@ def check(root: str | Path) -> list[str]:
         chapters[ch.id] = ch
         problems += _check_notebook(root, ch)
     for f in sorted((root / "results").glob("*/*.json")):
+        problems.append(f"{f.relative_to(root)}: a ledger in the old layout: runs live in "
+                        "results/<profile>/<chapter>/<device>.json")
+    for f in ledger_files(root):
         rel = f.relative_to(root)
         try:
             data = ledger.read(f)
         except ledger.LedgerError as e:
             problems.append(str(e))
             continue
-        if data["profile"] != f.parent.name or data["chapter"] != f.stem:
-            problems.append(f"{rel}: holds chapter {data['chapter']!r}, profile {data['profile']!r}: wrong place")
+        want = ledger.path_for(root, data)
+        if f != want:
+            problems.append(f"{rel}: holds chapter {data['chapter']!r}, profile {data['profile']!r}, device "
+                            f"{data['fingerprint']['device']!r}: wrong place (belongs at {want.relative_to(root)})")
             continue
         ch = chapters.get(data["chapter"])
         if ch is None:
             problems.append(f"{rel}: no chapter {data['chapter']!r} declares its claims")
             continue
         problems += ledger.rederive(data, rel)
-        stored = {c["id"]: c for c in data["claims"]}
-        for claim in ch.claims:
-            if claim.id not in stored:
-                problems.append(f"{rel}: claim {claim.id!r} is declared but the run did not grade it: rerun")
-                continue
-            then = Claim.from_dict(stored[claim.id]["declared"]).grading_view()
-            if then != claim.grading_view():
-                problems.append(f"{rel}: claim {claim.id!r}: claims.yaml changed its test since the run "
-                                f"(then {then}, now {claim.grading_view()}): rerun the chapter")
-        for cid in set(stored) - {c.id for c in ch.claims}:
-            problems.append(f"{rel}: claim {cid!r} is graded but no longer declared: rerun the chapter")
+        for kind, specs, entries, cls in (("claim", ch.claims, data["claims"], Claim),
+                                          ("goal", ch.goals, data.get("goals", []), Goal)):
+            stored = {c["id"]: c for c in entries}
+            for spec in specs:
+                if spec.id not in stored:
+                    problems.append(f"{rel}: {kind} {spec.id!r} is declared but the run did not grade it: rerun")
+                    continue
+                then = cls.from_dict(stored[spec.id]["declared"]).grading_view()
+                if then != spec.grading_view():
+                    problems.append(f"{rel}: {kind} {spec.id!r}: claims.yaml changed its test since the run "
+                                    f"(then {then}, now {spec.grading_view()}): rerun the chapter (or `repro "
+                                    "regrade` it, if only the protocol was strengthened)")
+            for cid in sorted(set(stored) - {s.id for s in specs}):
+                problems.append(f"{rel}: {kind} {cid!r} is graded but no longer declared: rerun the chapter")
+    problems += check_identity(root, chapters)
     problems += check_corrections(root)
+    problems += check_stability(root, chapters)
+    from repro_utils import scoreboard  # late: the scoreboard reads this module's stability()
+
     board = root / "book" / "scoreboard.md"
     if not problems:
         if not board.is_file() or board.read_text() != scoreboard.render(root):

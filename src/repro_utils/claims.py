@@ -18,7 +18,13 @@ import jsonschema
 import yaml
 
 PROFILES = ("smoke", "gpu", "full")
-GRADING_FIELDS = ("holds_if", "reduced_scale_if", "partial_if", "profiles", "unit")
+# The fields that decide a grade. A ledger whose stored declaration differs in any of them is stale.
+GRADING_FIELDS = ("holds_if", "reduced_scale_if", "partial_if", "profiles", "unit", "replicates", "deterministic",
+                  "interval", "control", "power", "subject")
+# What a claim *is*: changing any of these after a published run makes a new claim (a new id).
+IDENTITY_FIELDS = ("metric", "unit", "holds_if", "reduced_scale_if", "partial_if")
+GOAL_GRADING_FIELDS = ("target", "profiles", "unit", "replicates", "deterministic", "interval")
+GOAL_IDENTITY_FIELDS = ("metric", "unit", "target")
 
 
 class ClaimsError(ValueError):
@@ -37,6 +43,12 @@ class Claim:
     profiles: dict[str, str]  # profile -> "own" | "reduced"
     reduced_scale_if: dict[str, Any] | None = None
     partial_if: dict[str, Any] | None = None
+    replicates: int | None = None  # replicates the interval needs (seeds, repeated timings)
+    deterministic: str | None = None  # or: why the number cannot vary (then one value suffices)
+    interval: str = "t"  # "t" (Student-t 95% of the mean) or "bootstrap" (percentile, 95%)
+    control: dict[str, Any] | None = None  # {what, unit, holds_if}: shows the setting can exhibit the effect
+    power: str | None = None  # or: an argument with a number for why the setting can show the effect
+    subject: str | None = None  # the artifact the claim is about (Marlin, FA3, vLLM)
     notes: str | None = None
     disagreement: str | None = None
 
@@ -51,11 +63,50 @@ class Claim:
         """The fields that decide a grade: a ledger is stale when these change after its run."""
         return {k: getattr(self, k) for k in GRADING_FIELDS}
 
+    def identity(self) -> dict[str, Any]:
+        """What the claim measures and how it is tested: a change here needs a new id."""
+        return {k: getattr(self, k) for k in IDENTITY_FIELDS}
+
     @property
     def cite(self) -> str:
         s = self.source
         head = s.get("paper") or (s["repo"] + (f" `{s['file']}`" if "file" in s else ""))
         return f"{head}, {s['where']}"
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target the course sets itself (a speed ratio against a baseline, a share of a roofline). Graded
+    Met / Not met under the same interval rule as claims, shown apart, never counted on the ladder."""
+
+    id: str
+    goal: str
+    metric: str
+    unit: str
+    target: dict[str, Any]
+    baseline: str
+    profiles: tuple[str, ...]
+    replicates: int | None = None
+    deterministic: str | None = None
+    interval: str = "t"
+    notes: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Goal:
+        d = dict(d)
+        d["profiles"] = tuple(d["profiles"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        d["profiles"] = list(self.profiles)
+        return d
+
+    def grading_view(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in GOAL_GRADING_FIELDS}
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in GOAL_IDENTITY_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -66,6 +117,7 @@ class Chapter:
     parameters: dict[str, dict[str, Any]]
     claims: tuple[Claim, ...]
     folder: Path = field(compare=False)
+    goals: tuple[Goal, ...] = ()
 
     @property
     def notebook(self) -> Path:
@@ -76,7 +128,15 @@ class Chapter:
             if c.id == claim_id:
                 return c
         raise KeyError(f"chapter {self.id} declares no claim {claim_id!r}; its claims are: "
-                       + ", ".join(c.id for c in self.claims))
+                       + ", ".join(c.id for c in self.claims)
+                       + ("; its goals are: " + ", ".join(g.id for g in self.goals) if self.goals else ""))
+
+    def goal(self, goal_id: str) -> Goal:
+        for g in self.goals:
+            if g.id == goal_id:
+                return g
+        raise KeyError(f"chapter {self.id} declares no goal {goal_id!r}; its goals are: "
+                       + (", ".join(g.id for g in self.goals) or "(none)"))
 
 
 @cache
@@ -122,10 +182,18 @@ def load_chapter(path: str | Path) -> Chapter:
         raise ClaimsError(f"{path}: field chapter: {data['chapter']!r} must equal its folder's name "
                           f"{path.parent.name!r}")
     seen: set[str] = set()
-    for c in data["claims"]:
+    for kind, c in [("claim", c) for c in data["claims"]] + [("goal", g) for g in data.get("goals", [])]:
         if c["id"] in seen:
-            raise ClaimsError(f"{path}: claim {c['id']!r}, field id: declared twice")
+            raise ClaimsError(f"{path}: {kind} {c['id']!r}, field id: declared twice (claims and goals share ids)")
         seen.add(c["id"])
+        if ("replicates" in c) == ("deterministic" in c):
+            raise ClaimsError(f"{path}: {kind} {c['id']!r}: declare exactly one of `replicates` (how many seeds or "
+                              "repeated timings the interval needs) and `deterministic` (why the number cannot vary)")
+        if c.get("interval") == "bootstrap" and c.get("replicates", 0) < 10:
+            raise ClaimsError(f"{path}: {kind} {c['id']!r}: a bootstrap interval needs replicates ≥ 10 "
+                              "(use interval: t below that)")
+        if "deterministic" in c and c.get("interval"):
+            raise ClaimsError(f"{path}: {kind} {c['id']!r}: a deterministic number has no interval kind")
     from repro_utils.profiles import check_spec  # late import: profiles imports this module
 
     for name, spec in data["parameters"].items():
@@ -134,8 +202,9 @@ def load_chapter(path: str | Path) -> Chapter:
         except ValueError as e:
             raise ClaimsError(f"{path}: parameter {name!r}: {e}") from None
     claims = tuple(Claim.from_dict(c) for c in data["claims"])
+    goals = tuple(Goal.from_dict(g) for g in data.get("goals", []))
     return Chapter(id=data["chapter"], title=data["title"], minutes=data["minutes"],
-                   parameters=data["parameters"], claims=claims, folder=path.parent)
+                   parameters=data["parameters"], claims=claims, folder=path.parent, goals=goals)
 
 
 def find_root(start: str | Path | None = None) -> Path:

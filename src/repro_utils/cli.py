@@ -1,4 +1,4 @@
-"""The ``repro`` command: list, run, book, scoreboard, check."""
+"""The ``repro`` command: list, run, book, publish, scoreboard, check, regrade, export, import."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from repro_utils.check import check
 from repro_utils.claims import ClaimsError, chapters, find_root, resolve_chapter
 from repro_utils.execute import PublishError, build_html, publish_run, run_book, run_chapter
 from repro_utils.profiles import ParameterError, parse_assignments, resolve
+from repro_utils.records import RecordError, export_run, import_run, refresh_notebook, regrade
 from repro_utils.run import card
 
 
@@ -79,6 +80,40 @@ def cmd_scoreboard(args) -> int:
     return 0
 
 
+def cmd_regrade(args) -> int:
+    root = _root(args)
+    moved = dict(m.split("=", 1) for m in (args.moved or []))
+    for p in regrade(root, args.chapter, note=args.note, moved=moved):
+        print(f"regraded {p.relative_to(root)}")
+    ch = resolve_chapter(root, args.chapter)
+    retired = {old: goal for goal, old in moved.items() if old not in {c.id for c in ch.claims}}
+    n = refresh_notebook(root, ch.id, renamed=retired)
+    print(f"{ch.notebook.name}: {n} printed grade(s) and the claim card brought in line with the ledger")
+    print(f"scoreboard: {scoreboard.write(root)}\nnext: a dated line in book/corrections.md for each grade that "
+          "changed, then `repro check`")
+    return 0
+
+
+def cmd_export(args) -> int:
+    root = _root(args)
+    ch = resolve_chapter(root, args.chapter)
+    src = Path(args.ledger) if args.ledger else root / "_build" / "runs" / args.profile / f"{ch.id}.json"
+    if not src.is_file():
+        raise FileNotFoundError(f"no run to export at {src}: run `repro run {ch.id} --profile {args.profile}` "
+                                "first, or pass --ledger PATH")
+    out = Path(args.out) if args.out else root / "_build" / "records" / f"{ch.id}-{src.stem}.record.json"
+    print(f"run record: {export_run(root, ch.id, src, out)}\nsend it with the issue tracker; a maintainer "
+          "adds it with `repro import FILE`")
+    return 0
+
+
+def cmd_import(args) -> int:
+    root = _root(args)
+    dest = import_run(root, Path(args.file), replace=args.replace)
+    print(f"imported as {dest.relative_to(root)}; scoreboard regenerated; run `repro check`")
+    return 0
+
+
 def cmd_check(args) -> int:
     problems = check(_root(args))
     for p in problems:
@@ -98,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-p", action="append", metavar="KEY=VALUE", help="a chapter parameter (repeatable)")
     r.add_argument("--out", help="folder for the executed notebook and ledger (default _build/runs/<profile>)")
     r.add_argument("--publish", action="store_true",
-                   help="gpu/full only: replace the committed notebook and results/<profile>/<chapter>.json")
+                   help="gpu/full only: replace the committed notebook and this device's results/<profile>/<chapter>/<device>.json")
     r.add_argument("--verbose", action="store_true", help="stream the notebook's output")
     r.set_defaults(fn=cmd_run)
     b = sub.add_parser("book", help="run every chapter, regenerate the scoreboard, build the HTML")
@@ -111,11 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("folder", help="the --out folder of that run")
     pb.set_defaults(fn=cmd_publish)
     sub.add_parser("scoreboard", help="regenerate book/scoreboard.md from results/").set_defaults(fn=cmd_scoreboard)
-    sub.add_parser("check", help="schemas, re-derived grades, corrections, scoreboard").set_defaults(fn=cmd_check)
+    sub.add_parser("check", help="schemas, re-derived grades, corrections, stability, scoreboard").set_defaults(fn=cmd_check)
+    rg = sub.add_parser("regrade", help="re-grade a chapter's committed runs under the current claims.yaml and rules (no rerun)")
+    rg.add_argument("chapter")
+    rg.add_argument("--note", required=True, help="why, in one sentence (kept in the ledger)")
+    rg.add_argument("--moved", action="append", metavar="GOAL=OLD_CLAIM",
+                    help="a goal that takes over an old claim's measurement (repeatable)")
+    rg.set_defaults(fn=cmd_regrade)
+    ex = sub.add_parser("export", help="write a self-contained run record of your run, to send to the course")
+    ex.add_argument("chapter")
+    ex.add_argument("--profile", default="gpu", choices=["gpu", "full"])
+    ex.add_argument("--ledger", help="the run's ledger (default _build/runs/<profile>/<chapter>.json)")
+    ex.add_argument("--out", help="where to write the record (default _build/records/)")
+    ex.set_defaults(fn=cmd_export)
+    im = sub.add_parser("import", help="validate a run record and add it as its device's run")
+    im.add_argument("file")
+    im.add_argument("--replace", action="store_true", help="replace the same device's committed run")
+    im.set_defaults(fn=cmd_import)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ParameterError, ClaimsError, KeyError, PublishError, ledger.LedgerError, FileNotFoundError) as e:
+    except (ParameterError, ClaimsError, KeyError, PublishError, ledger.LedgerError, FileNotFoundError,
+            RecordError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"repro: error: {msg}", file=sys.stderr)
         return 2

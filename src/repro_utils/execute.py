@@ -121,7 +121,8 @@ def tidy_outputs(nb) -> int:
 
 def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Path:
     """Make an executed gpu/full run the committed one: its notebook replaces the chapter's, its ledger
-    goes to results/<profile>/, and the scoreboard is regenerated. Smoke and CPU runs are refused."""
+    becomes its device's run (results/<profile>/<chapter>/<device>.json; other devices' runs are kept),
+    and the scoreboard is regenerated. Smoke and CPU runs are refused."""
     data = ledger.read(ledger_path)
     if data["chapter"] != ch.id:
         raise PublishError(f"{ledger_path} is a ledger of {data['chapter']}, not {ch.id}")
@@ -129,6 +130,9 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
         raise PublishError(f"{ledger_path}: a {data['profile']} run never replaces the committed outputs")
     if "CPU" in data["fingerprint"]["device"]:
         raise PublishError(f"{ledger_path}: device {data['fingerprint']['device']!r}: not a GPU run")
+    short = ledger.under_replicated(data)
+    if short:
+        raise PublishError(f"{ledger_path}: fewer replicates than declared, so it cannot be published: " + "; ".join(short))
     import nbformat
 
     nb = nbformat.read(nb_path, as_version=4)
@@ -137,7 +141,7 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
         raise PublishError(f"{nb_path}: ran with profile {injected.get('profile')!r}, its ledger says {data['profile']!r}")
     tidy_outputs(nb)
     nbformat.write(nb, ch.notebook)
-    dest = root / "results" / data["profile"] / f"{ch.id}.json"
+    dest = ledger.path_for(root, data)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ledger_path, dest)
     scoreboard.write(root)

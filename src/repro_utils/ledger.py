@@ -1,14 +1,19 @@
-"""The ledger: ``results/<profile>/<chapter>.json``, one run of one chapter, written by runs only.
+"""The ledger: ``results/<profile>/<chapter>/<device>.json``, the latest published run of one chapter on
+one device, written by runs only (``repro publish``, ``repro import``), never by hand.
 
-It holds the parameters, every claim as declared when the run started, what was measured, the grade
-and its reason, and the run's fingerprint. ``repro check`` re-derives each grade from it.
+It holds the parameters, every claim and goal as declared when the run started, what was measured (the
+replicates), the interval, the grade and its reason, and the run's fingerprint. Each device keeps its
+own file, so an H100 run and an H200 run sit side by side; earlier runs of a device are in git history.
+``repro check`` re-derives every grade and interval from it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -17,8 +22,10 @@ from typing import Any
 
 import jsonschema
 
-from repro_utils.claims import Claim, schema
-from repro_utils.grading import Grade, Measurement, grade
+from repro_utils.claims import Claim, Goal, schema
+from repro_utils.grading import Grade, Measurement, grade, grade_goal
+
+SCHEMA_VERSION = 2
 
 
 class LedgerError(ValueError):
@@ -77,16 +84,40 @@ def fingerprint(*, started: str, wall_seconds: float, seed: int) -> dict[str, An
     }
 
 
+def device_slug(device: str) -> str:
+    """A file name for a device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return slug or "unknown-device"
+
+
+def path_for(root: str | Path, data: dict[str, Any]) -> Path:
+    """Where a run's ledger lives in the committed tree."""
+    return Path(root) / "results" / data["profile"] / data["chapter"] / f"{device_slug(data['fingerprint']['device'])}.json"
+
+
+def published(root: str | Path, chapter: str, profiles: tuple[str, ...] = ("gpu", "full")) -> list[tuple[Path, dict]]:
+    """Every committed run of a chapter: one per profile and device."""
+    out = []
+    for p in profiles:
+        for f in sorted((Path(root) / "results" / p / chapter).glob("*.json")):
+            out.append((f, read(f)))
+    return out
+
+
 @dataclass(frozen=True)
 class Entry:
-    claim: Claim
+    claim: Claim | Goal
     measured: Measurement | None
     grade: Grade
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.claim.id, "declared": self.claim.to_dict(),
-                "measured": self.measured.to_dict() if self.measured else None,
-                "grade": self.grade.rung, "reason": self.grade.reason}
+        d = {"id": self.claim.id, "declared": self.claim.to_dict(),
+             "measured": self.measured.to_dict() if self.measured else None,
+             "grade": self.grade.rung, "reason": self.grade.reason,
+             "interval": self.grade.interval.to_dict() if self.grade.interval else None}
+        if isinstance(self.claim, Claim):
+            d["scale"] = self.grade.scale
+        return d
 
 
 def validate(data: dict[str, Any], path: str | Path = "<ledger>") -> None:
@@ -126,18 +157,67 @@ def read(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def rederive(data: dict[str, Any], path: str | Path = "<ledger>") -> list[str]:
-    """Problems where a stored grade does not follow from the stored claim and measurement.
+def under_replicated(data: dict[str, Any]) -> list[str]:
+    """Entries whose measurement holds fewer replicates than their declaration asks for."""
+    out = []
+    for c in list(data["claims"]) + list(data.get("goals", [])):
+        need, m = c["declared"].get("replicates"), c["measured"]
+        if need and m and not m.get("why_untested") and m.get("value") is not None:
+            n = len(m.get("values") or ()) or 1
+            if n < need:
+                out.append(f"{c['id']!r} recorded {n} replicate(s) where {need} are declared")
+    return out
 
-    The grade is compared, not the wording of its reason, so that the reason's phrasing can improve
-    without invalidating committed runs.
+
+def _same_interval(stored: dict[str, Any] | None, iv) -> bool:
+    if stored is None or iv is None:
+        return stored is None and iv is None
+    new = iv.to_dict()
+    if stored.get("method") != new["method"] or stored.get("n") != new["n"]:
+        return False
+    for k in ("mean", "lo", "hi", "level"):
+        a, b = stored.get(k), new[k]
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def regrade_entry(entry: dict[str, Any], profile: str, kind: str = "claim") -> Grade:
+    """The grade that an entry's stored declaration and measurement give under the current rules."""
+    m = Measurement.from_dict(entry["measured"]) if entry["measured"] else None
+    if kind == "goal":
+        return grade_goal(Goal.from_dict(entry["declared"]), m, profile)
+    return grade(Claim.from_dict(entry["declared"]), m, profile)
+
+
+def rederive(data: dict[str, Any], path: str | Path = "<ledger>") -> list[str]:
+    """Problems where a stored grade or interval does not follow from the stored declaration and measurement
+    (a hand-edited grade, replicate or interval).
+
+    The grade and interval are compared, not the wording of the reason, so that the reason's phrasing can
+    improve without invalidating committed runs. Version-1 ledgers (before the evidence standard) are
+    not re-derived: they must be regraded (``repro regrade``) or rerun.
     """
+    if data.get("schema_version", 1) < SCHEMA_VERSION:
+        return [f"{path}: schema_version {data.get('schema_version', 1)} predates the evidence standard: "
+                "`repro regrade` it (re-grades its own measurements) or rerun the chapter"]
     problems = []
-    for c in data["claims"]:
-        claim = Claim.from_dict(c["declared"])
-        m = Measurement.from_dict(c["measured"]) if c["measured"] else None
-        g = grade(claim, m, data["profile"])
-        if g.rung != c["grade"]:
-            problems.append(f"{path}: claim {c['id']!r}: stored grade {c['grade']!r} but its measurement "
-                            f"grades {g.rung!r} ({g.reason})")
+    for kind, entries in (("claim", data["claims"]), ("goal", data.get("goals", []))):
+        for c in entries:
+            try:
+                g = regrade_entry(c, data["profile"], kind)
+            except (TypeError, ValueError, KeyError) as e:
+                problems.append(f"{path}: {kind} {c['id']!r}: its stored measurement is inconsistent "
+                                f"(hand-edited?): {e}")
+                continue
+            if g.rung != c["grade"]:
+                problems.append(f"{path}: {kind} {c['id']!r}: stored grade {c['grade']!r} but its measurement "
+                                f"grades {g.rung!r} ({g.reason})")
+            elif not _same_interval(c.get("interval"), g.interval):
+                problems.append(f"{path}: {kind} {c['id']!r}: stored interval {c.get('interval')} does not follow "
+                                f"from its replicates (re-derived: {g.interval.to_dict() if g.interval else None}): "
+                                "a hand-edited replicate or interval")
     return problems

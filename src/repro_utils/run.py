@@ -3,7 +3,9 @@
     run = start(profile=profile, seed=seed, n_max=n_max)   # validates, seeds, fingerprints
     P = run.params                                         # every parameter, defaults filled in
     ...
-    run.record("memory-linear", 17.9, setting="H100, fp16, N=4096, d=64")
+    run.record("memory-saving", 17.9, setting="H100, fp16, N=4096, d=64")        # a deterministic claim
+    run.record("fa2-speed", values=[318.2, 321.0, 317.5], setting="H200, d=128")  # replicates -> interval
+    run.goal("fwd-vs-cudnn", values=[0.81, 0.83, 0.80], setting="H200, N=4096")   # the course's own target
     run.untested("fa3-speed", "no FA3 kernel runs on this machine")
     run.finish()                                           # writes the ledger, shows the claim card
 """
@@ -14,15 +16,24 @@ import datetime as dt
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from repro_utils import ledger
-from repro_utils.claims import Chapter, find_root, load_chapter
+from repro_utils.claims import Chapter, Claim, Goal, find_root, load_chapter
 from repro_utils.display import markdown
-from repro_utils.grading import Grade, Measurement, _with_unit, describe_measurement, grade
+from repro_utils.grading import Grade, Measurement, _with_unit, describe_test, grade, grade_goal, label
 from repro_utils.profiles import resolve
+
+
+class ReplicatesWarning(UserWarning):
+    """A claim or goal recorded with fewer replicates than it declares."""
+
+
+class ReplicatesError(RuntimeError):
+    """A gpu/full run that recorded fewer replicates than its claims declare: it cannot be published."""
 
 
 def seed_everything(seed: int) -> None:
@@ -71,7 +82,9 @@ class Run:
     started: str
     t0: float
     entries: dict[str, ledger.Entry] = field(default_factory=dict)
+    goal_entries: dict[str, ledger.Entry] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    short: list[str] = field(default_factory=list)  # under-replicated records (see _check_replicates)
 
     @property
     def profile(self) -> str:
@@ -89,26 +102,70 @@ class Run:
 
     def record(self, claim_id: str, value: float | bool | str | None = None, *, setting: str,
                values: list[float] | None = None, seeds: list[int] | None = None, scale: str | None = None,
-               note: str | None = None, details: dict[str, Any] | None = None) -> Grade:
-        """Record what was measured for one claim; returns (and prints) its grade."""
+               note: str | None = None, details: dict[str, Any] | None = None,
+               control: dict[str, Any] | None = None, artifact: str | None = None) -> Grade:
+        """Record what was measured for one claim; returns its grade (and prints it).
+
+        ``values`` are the replicates (seeds, repeated timings); fewer than the claim declares raises at
+        once. ``control`` is the claim's declared control, measured in this run ({setting, values}).
+        ``artifact`` names what was measured where the claim is about a specific artifact."""
         claim = self.chapter.claim(claim_id)
+        self._check_replicates(claim, value, values, what="claim")
+        if claim.control and control is not None:
+            self._check_replicates(claim, control.get("value"), control.get("values"), what="control of claim")
+        m = self._measurement(claim.unit, value, setting, values, seeds, scale, note, details)
+        m = Measurement(**{**m.__dict__, "control": control, "artifact": artifact})
+        return self._enter(claim, m)
+
+    def goal(self, goal_id: str, value: float | None = None, *, setting: str, values: list[float] | None = None,
+             seeds: list[int] | None = None, note: str | None = None, details: dict[str, Any] | None = None) -> Grade:
+        """Record a measurement of one of the chapter's goals (the course's own targets): Met / Not met."""
+        goal = self.chapter.goal(goal_id)
+        self._check_replicates(goal, value, values, what="goal")
+        m = self._measurement(goal.unit, value, setting, values, seeds, None, note, details)
+        g = grade_goal(goal, m, self.profile)
+        self.goal_entries[goal.id] = ledger.Entry(goal, m, g)
+        print(f"[goal {goal.id}] {g.rung}: {g.reason}")
+        return g
+
+    def untested(self, claim_id: str, why: str, setting: str = "not run") -> Grade:
+        """Record that this run could not test a claim or goal, and why: it grades Unverified."""
+        try:
+            spec = self.chapter.claim(claim_id)
+        except KeyError:
+            spec = self.chapter.goal(claim_id)
+        m = Measurement(setting=setting, unit=spec.unit, why_untested=why)
+        if isinstance(spec, Goal):
+            g = grade_goal(spec, m, self.profile)
+            self.goal_entries[spec.id] = ledger.Entry(spec, m, g)
+            print(f"[goal {spec.id}] {g.rung}: {g.reason}")
+            return g
+        return self._enter(spec, m)
+
+    def _check_replicates(self, spec: Claim | Goal, value, values, *, what: str) -> None:
+        """Fewer replicates than declared: a loud warning now, Unverified ("inconclusive") in the grade, and
+        ``finish()`` refuses the run as a gpu/full result once its ledger is safely written."""
+        if spec.deterministic or not spec.replicates:
+            return
+        n = len(values or ()) or (1 if value is not None else 0)
+        if n < spec.replicates:
+            msg = (f"{what} {spec.id!r} declares {spec.replicates} replicates; this run recorded {n}. Pass "
+                   "values=[...] (one per seed or repeated timing), or declare fewer in claims.yaml before the run.")
+            self.short.append(msg)
+            warnings.warn(msg, ReplicatesWarning, stacklevel=3)
+
+    def _measurement(self, unit, value, setting, values, seeds, scale, note, details) -> Measurement:
         if scale is None and self.profile in ("gpu", "full") and not reference_gpu():
             scale = "reduced"  # the course's gpu/full settings assume an H100-class GPU; elsewhere, never Reproduced
             note = ((note + " ") if note else "") + "Run on a GPU other than the course's reference (H100/H200)."
-        m = Measurement(setting=setting, value=value, unit=claim.unit, values=tuple(values or ()),
-                        seeds=tuple(int(s) for s in (seeds or ())), scale=scale, note=note,
-                        details=dict(details or {}))
-        return self._enter(claim, m)
-
-    def untested(self, claim_id: str, why: str, setting: str = "not run") -> Grade:
-        """Record that this run could not test a claim, and why: it grades Unverified."""
-        claim = self.chapter.claim(claim_id)
-        return self._enter(claim, Measurement(setting=setting, unit=claim.unit, why_untested=why))
+        return Measurement(setting=setting, value=value, unit=unit, values=tuple(values or ()),
+                           seeds=tuple(int(s) for s in (seeds or ())), scale=scale, note=note,
+                           details=dict(details or {}))
 
     def _enter(self, claim, m: Measurement) -> Grade:
         g = grade(claim, m, self.profile)
         self.entries[claim.id] = ledger.Entry(claim, m, g)
-        print(f"[{claim.id}] {g.rung}: {g.reason}")
+        print(f"[{claim.id}] {g.label}: {g.reason}")
         return g
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,12 +173,17 @@ class Run:
         for c in self.chapter.claims:
             e = self.entries.get(c.id) or ledger.Entry(c, None, grade(c, None, self.profile))
             entries.append(e.to_dict())
+        goals = []
+        for gl in self.chapter.goals:
+            e = self.goal_entries.get(gl.id) or ledger.Entry(gl, None, grade_goal(gl, None, self.profile))
+            goals.append(e.to_dict())
         return {
-            "schema_version": 1,
+            "schema_version": ledger.SCHEMA_VERSION,
             "chapter": self.chapter.id,
             "profile": self.profile,
             "parameters": self.params,
             "claims": entries,
+            "goals": goals,
             "extra": self.extra,
             "fingerprint": ledger.fingerprint(started=self.started, wall_seconds=time.time() - self.t0,
                                               seed=self.seed),
@@ -134,28 +196,60 @@ class Run:
         if show:
             markdown(card(data))
             print(f"ledger: {path}")
+        if self.short and self.profile in ("gpu", "full"):
+            raise ReplicatesError(f"this {self.profile} run cannot be published: " + " ".join(self.short)
+                                  + f" (its ledger is kept at {path}; the affected grades are Unverified)")
         return data
 
 
+def _measured_short(entry: dict[str, Any], unit: str) -> str:
+    m, iv = entry["measured"], entry.get("interval")
+    if m is None or m.get("why_untested"):
+        return "not measured"
+    if iv and iv["method"] != "exact":
+        return f"{_with_unit(iv['mean'], unit)} [{_fmt(iv['lo'])}, {_fmt(iv['hi'])}]"
+    return _with_unit(m.get("value"), unit)
+
+
+def _fmt(x):
+    from repro_utils.grading import fmt
+
+    return fmt(x)
+
+
 def card(data: dict[str, Any]) -> str:
-    """The claim card: one row per claim, from a ledger."""
+    """The claim card, from a ledger: a slim table (claim, claimed, measured with its interval, scale,
+    grade), the goals in a table of their own, and the long text (the claim, both settings, the source,
+    the reason) in a list below."""
     fp = data["fingerprint"]
-    rows = ["| claim | source | claimed | measured | grade |", "|---|---|---|---|---|"]
+    rows = ["| claim | claimed | measured (95% interval) | scale | grade |", "|---|---|---|---|---|"]
+    notes = []
     for c in data["claims"]:
         d, m = c["declared"], c["measured"]
+        scale = c.get("scale") or "—"
+        rows.append(f"| `{c['id']}` | {_with_unit(d['claimed']['value'], d['unit'])} | {_measured_short(c, d['unit'])} "
+                    f"| {scale} | **{label(c['grade'], c.get('scale'))}** |")
         src = d["source"].get("paper") or (d["source"]["repo"] + (f" `{d['source']['file']}`" if "file" in d["source"] else ""))
-        claimed = f"{_with_unit(d['claimed']['value'], d['unit'])} — {d['claimed']['setting']}"
-        if m is None or m.get("why_untested"):
-            measured = "not measured" + (f": {m['why_untested']}" if m else "")
-        else:
-            measured = f"{describe_measurement(Measurement.from_dict(m), d['unit'])} — {m['setting']}"
-        rows.append(f"| **{c['id']}**: {d['claim']} | {src}, {d['source']['where']} | {claimed} | {measured} "
-                    f"| **{c['grade']}** |")
-    reasons = "\n".join(f"- **{c['id']}** — {c['grade']}. {c['reason']}" for c in data["claims"])
-    head = (f"**Claim card: {data['chapter']}** · profile `{data['profile']}` · {fp['device']} · "
-            f"torch {fp['torch']} · commit `{fp['commit'][:10]}{'-dirty' if fp['dirty'] else ''}` · "
-            f"{fp['started'][:16].replace('T', ' ')} UTC · {fp['wall_seconds'] / 60:.1f} min · seed {fp['seed']}")
-    return f"{head}\n\n" + "\n".join(rows) + "\n\n" + reasons
+        where = f"measured at: {m['setting']}" if m and not m.get("why_untested") else "not measured"
+        notes.append(f"- **`{c['id']}`** · {label(c['grade'], c.get('scale'))}. {d['claim']} *Source:* {src}, "
+                     f"{d['source']['where']}. *Claimed at:* {d['claimed']['setting']}; {where}. {c['reason']}")
+    out = [f"**Claim card: {data['chapter']}** · profile `{data['profile']}` · {fp['device']} · "
+           f"torch {fp['torch']} · commit `{fp['commit'][:10]}{'-dirty' if fp['dirty'] else ''}` · "
+           f"{fp['started'][:16].replace('T', ' ')} UTC · {fp['wall_seconds'] / 60:.1f} min · seed {fp['seed']}",
+           "", *rows]
+    if data.get("regraded"):
+        r = data["regraded"][-1]
+        out += ["", f"*Regraded {r['date']} at commit `{r['commit'][:10]}` from this run's own measurements: {r['note']}*"]
+    goals = data.get("goals") or []
+    if goals:
+        out += ["", "**The course's own goals** (targets we set; never counted as reproductions)", "",
+                "| goal | target | measured (95% interval) | result |", "|---|---|---|---|"]
+        for g in goals:
+            d = g["declared"]
+            out.append(f"| `{g['id']}` | {describe_test(d['target'], d['unit'])} | {_measured_short(g, d['unit'])} "
+                       f"| **{g['grade']}** |")
+            notes.append(f"- **goal `{g['id']}`** · {g['grade']}. {d['goal']} *Baseline:* {d['baseline']}. {g['reason']}")
+    return "\n".join(out) + "\n\n" + "\n".join(notes)
 
 
 def start(claims: str | Path = "claims.yaml", **given: Any) -> Run:
