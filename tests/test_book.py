@@ -116,3 +116,28 @@ def test_tidy_drops_echoed_grades_only():
     nb.cells = [nbformat.v4.new_code_cell("g = run.record(...)\ng", outputs=[grade, table])]
     notebooks.tidy_outputs(nb)
     assert nb.cells[0].outputs == [table]
+
+
+def test_intro_states_each_chapters_time_per_profile_as_claims_yaml_does():
+    intro = (ROOT / "book" / "intro.md").read_text()
+    for ch in CHAPTERS:
+        row = next((ln for ln in intro.splitlines() if ln.startswith(f"| [{ch.id[:2]} · ")), None)
+        assert row, f"book/intro.md: no row for chapter {ch.id} in the time-per-chapter table"
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        m = ch.minutes
+        want_full = f"~{m['full']:g} min" if m["full"] < 120 else f"~{m['full'] / 60:g} h"
+        assert cells[2:5] == [f"~{m['smoke']:g} min", f"~{m['gpu']:g} min", want_full], \
+            f"book/intro.md: {ch.id}'s times {cells[2:5]} disagree with claims.yaml's minutes {m}"
+        cc = nbformat.read(ch.notebook, as_version=4).metadata["course"]["min_compute_capability"]
+        assert cells[5] == f"compute capability {cc:.1f}", f"book/intro.md: {ch.id}'s minimum GPU {cells[5]!r}"
+
+
+def test_the_course_address_is_the_one_in_config_everywhere():
+    """Launch buttons use _config.yml's repository; the Colab cells are generated from it (above); prose too."""
+    import re
+
+    url, _ = notebooks.repository(ROOT)
+    owner = url.split("github.com/")[1].split("/")[0]
+    for f in [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]:
+        for found in re.findall(rf"https://github\.com/{re.escape(owner)}/[\w.-]+", f.read_text()):
+            assert found == url, f"{f.name}: {found} is not the course's address {url} (_config.yml)"

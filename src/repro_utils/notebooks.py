@@ -130,14 +130,14 @@ if importlib.util.find_spec("google") and importlib.util.find_spec("google.colab
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "/content/course/envs/colab.txt"], check=True)
     sys.path.insert(0, "/content/course/src")
     os.chdir("/content/course/chapters/{chapter}")
-    # The gpu profile needs compute capability {min_cc:g} or newer. On an older GPU (Colab's T4 is 7.5) hide it
+    # The gpu profile needs compute capability {min_cc:.1f} or newer. On an older GPU (Colab's T4 is 7.5) hide it
     # before torch starts, so that profile "auto" runs the smoke profile on the CPU instead of failing.
     smi = shutil.which("nvidia-smi")
     cc = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
                         text=True).stdout.split() if smi else []
-    if cc and float(cc[0]) < {min_cc:g}:
+    if cc and float(cc[0]) < {min_cc:.1f}:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        print(f"This GPU has compute capability {{cc[0]}}; the gpu profile needs {min_cc:g}: the smoke profile runs on the CPU.")'''
+        print(f"This GPU has compute capability {{cc[0]}}; the gpu profile needs {min_cc:.1f}: the smoke profile runs on the CPU.")'''
 
 
 def _tags(cell) -> list[str]:
@@ -177,7 +177,7 @@ def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
 | `gpu` | one GPU; the outputs on this page come from an H100 or H200 | ~{m['gpu']} min on an H100 |
 | `full` | the claims' own scale, where one machine holds it | {full} |
 
-**Minimum GPU for the `gpu` profile: compute capability {cc:g}** ({meta['min_gpu_why']}). Colab's free T4
+**Minimum GPU for the `gpu` profile: compute capability {cc:.1f}** ({meta['min_gpu_why']}). Colab's free T4
 (7.5) is older: there the chapter's first cell hides the GPU and `profile = "auto"` runs `smoke` on the
 CPU. On any GPU but an H100 or H200 the grades stop at *Reproduced at reduced scale*. How to run: [](../../book/running.md).
 :::"""
