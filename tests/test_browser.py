@@ -178,7 +178,7 @@ const scrollsX = (el) => {
 };
 
 // 1. raw Markdown tables: a |---| separator row left as text, outside code
-const SEP = /\|\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?/;
+const SEP = /\|\s*:?[-\u2013\u2014]+:?\s*(\|\s*:?[-\u2013\u2014]+:?\s*)+\|?/;  // "---" may have become a dash
 const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
 const seen = new Set();
 for (let n = walker.nextNode(); n; n = walker.nextNode()) {
@@ -186,7 +186,7 @@ for (let n = walker.nextNode(); n; n = walker.nextNode()) {
   if (seen.has(el) || el.closest("script, style, mjx-container")) continue;
   const inCode = el.closest("pre, code, .highlight");
   if (inCode && !el.closest(".cell_output")) continue;  // a table written in source code is fine
-  const text = (inCode || el).textContent;
+  const text = inCode ? inCode.textContent : n.data;  // a text node's own text: its ancestors would repeat it
   if (SEP.test(text)) {
     seen.add(el);
     problems.push({what: (inCode ? "an output prints a Markdown table as text: " : "raw Markdown table: ")
