@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from repro_utils import ledger, scoreboard
+from repro_utils import ledger, notebooks, scoreboard
 from repro_utils.claims import Chapter, chapters
 from repro_utils.profiles import resolve, resolve_profile
 
@@ -140,8 +140,9 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
     if injected.get("profile") != data["profile"]:
         raise PublishError(f"{nb_path}: ran with profile {injected.get('profile')!r}, its ledger says {data['profile']!r}")
     tidy_outputs(nb)
-    nbformat.write(nb, ch.notebook)
     dest = ledger.path_for(root, data)
+    notebooks.tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes, ledger=str(dest.relative_to(root)))
+    nbformat.write(nb, ch.notebook)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ledger_path, dest)
     scoreboard.write(root)

@@ -24,7 +24,16 @@ from typing import Any
 from repro_utils import ledger
 from repro_utils.claims import Chapter, Claim, Goal, find_root, load_chapter
 from repro_utils.display import markdown
-from repro_utils.grading import Grade, Measurement, _with_unit, describe_test, grade, grade_goal, label
+from repro_utils.grading import (
+    Grade,
+    Measurement,
+    _with_unit,
+    describe_test,
+    grade,
+    grade_goal,
+    label,
+    unverified_kind,
+)
 from repro_utils.profiles import resolve
 
 
@@ -211,6 +220,13 @@ def _measured_short(entry: dict[str, Any], unit: str) -> str:
     return _with_unit(m.get("value"), unit)
 
 
+def _grade_cell(entry: dict[str, Any]) -> str:
+    """The grade as the card's table shows it: Unverified says why in two words (the list below says all)."""
+    if entry["grade"] == "Unverified":
+        return f"Unverified ({unverified_kind(entry['reason'])})"
+    return label(entry["grade"], entry.get("scale"))
+
+
 def _fmt(x):
     from repro_utils.grading import fmt
 
@@ -227,8 +243,8 @@ def card(data: dict[str, Any]) -> str:
     for c in data["claims"]:
         d, m = c["declared"], c["measured"]
         scale = c.get("scale") or "—"
-        rows.append(f"| `{c['id']}` | {_with_unit(d['claimed']['value'], d['unit'])} | {_measured_short(c, d['unit'])} "
-                    f"| {scale} | **{label(c['grade'], c.get('scale'))}** |")
+        rows.append(f"| {c['id']} | {_with_unit(d['claimed']['value'], d['unit'])} | {_measured_short(c, d['unit'])} "
+                    f"| {scale} | **{_grade_cell(c)}** |")
         src = d["source"].get("paper") or (d["source"]["repo"] + (f" `{d['source']['file']}`" if "file" in d["source"] else ""))
         where = f"measured at: {m['setting']}" if m and not m.get("why_untested") else "not measured"
         notes.append(f"- **`{c['id']}`** · {label(c['grade'], c.get('scale'))}. {d['claim']} *Source:* {src}, "
@@ -246,8 +262,8 @@ def card(data: dict[str, Any]) -> str:
                 "| goal | target | measured (95% interval) | result |", "|---|---|---|---|"]
         for g in goals:
             d = g["declared"]
-            out.append(f"| `{g['id']}` | {describe_test(d['target'], d['unit'])} | {_measured_short(g, d['unit'])} "
-                       f"| **{g['grade']}** |")
+            out.append(f"| {g['id']} | {describe_test(d['target'], d['unit'])} | {_measured_short(g, d['unit'])} "
+                       f"| **{_grade_cell(g)}** |")
             notes.append(f"- **goal `{g['id']}`** · {g['grade']}. {d['goal']} *Baseline:* {d['baseline']}. {g['reason']}")
     return "\n".join(out) + "\n\n" + "\n".join(notes)
 
