@@ -42,6 +42,8 @@ class Engine:
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_hidden_layers)]
         if backend == "auto":
             backend = "triton" if self.device.type == "cuda" or interpreting() else "torch"
+        if backend == "triton" and self.device.type != "cuda" and not interpreting():
+            raise ValueError("the triton backend on the CPU needs TRITON_INTERPRET=1 (set before triton is imported)")
         self.backend = backend
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.graphs = None

@@ -72,6 +72,7 @@ def _sync(device):
 def hf_static(model, requests: list[Request], batch_size: int, pad_id: int = 0, progress: bool = False) -> dict:
     """HF ``generate``, greedy, in static batches of `batch_size` requests (in request order), each left-padded
     to its longest prompt and run until its longest output is done: request-level batching with padding.
+    Every request counts as present at the start (offline): TTFT is measured from the call.
     Token times are host times at each step's logits processor (HF syncs with the GPU every step)."""
     import torch
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -106,7 +107,7 @@ def hf_static(model, requests: list[Request], batch_size: int, pad_id: int = 0, 
         assert out.shape[1] == width + new, "HF stopped early"
         token_times += [stamp.times[: r.max_new_tokens] for r in group]
     wall = time.perf_counter() - start
-    res = latency_stats([r.arrival for r in requests], token_times, wall)
+    res = latency_stats([0.0] * len(requests), token_times, wall)
     # tokens past a request's own max_new_tokens (the batch runs to its longest) are computed, not counted
     res["batch_size"] = batch_size
     return res
