@@ -32,9 +32,10 @@ class Engine:
         self.model, self.device, self.dtype = model, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.max_model_len = max_model_len or cfg.max_position_embeddings
-        self.bm = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                   request_level=request_level, reserve=reserve, max_model_len=self.max_model_len)
+        self.num_blocks = num_blocks  # physical blocks in the cache (one more, the scratch block, is never handed out)
+        self.policy = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           request_level=request_level, reserve=reserve)
+        self.reset()
         # one extra block, never handed out: padded rows of a graphed batch write and read there
         self.scratch_block = num_blocks
         shape = (num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -51,8 +52,17 @@ class Engine:
             if self.device.type != "cuda" or backend != "triton":
                 raise ValueError("CUDA graphs need the model on a GPU and the triton backend")
             self.graphs = DecodeGraphs(self, max_bs=max_num_seqs)
-        self.step_log: list[tuple[str, int, int, float, float]] = []  # (kind, seqs, tokens, host s, step s)
         self._next_id = 0
+
+    def reset(self, num_blocks: int | None = None, **policy) -> None:
+        """A fresh block manager and scheduler over the same cache (and CUDA graphs): change the policy, or cap the
+        blocks in use at num_blocks (<= the physical ones) to run at another memory pressure."""
+        num_blocks = num_blocks or self.num_blocks
+        assert num_blocks <= self.num_blocks, "cannot use more blocks than the cache holds"
+        self.policy.update(policy)
+        self.bm = BlockManager(num_blocks, self.block_size)
+        self.scheduler = Scheduler(self.bm, max_model_len=self.max_model_len, **self.policy)
+        self.step_log = []
 
     @staticmethod
     def kv_bytes(cfg, num_blocks, block_size, dtype) -> int:
@@ -127,6 +137,7 @@ class Engine:
         hidden = self.forward(ids, positions, meta)
         tokens = self.sample(self.model.logits(hidden[last]), batch.seqs)  # .tolist() waits for the GPU
         finished = self.scheduler.postprocess(batch, tokens, now())
+        # (kind, sequences, tokens, host seconds, step seconds)
         self.step_log.append(("prefill" if batch.is_prefill else "decode", len(batch.seqs), ids.shape[0], t_host,
                               time.perf_counter() - t0))
         return finished
