@@ -8,6 +8,8 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   bandwidth  device-to-device copy (read + write bytes / time): the roofline's bandwidth
   logits     engine vs HF logits (prefill, every position; one decode step) against an fp32 HF reference
   decode_b1  batch-1 decode step time, eager and CUDA-graphed, against the weight-read floor
+  kernel     paged decode attention (shuffled blocks) vs the same kernel on contiguous blocks vs SDPA on
+             contiguous K/V, at vLLM Fig. 18a's batch sizes and contexts
   decode_b256  one decode step of 256 sequences at 1,024 tokens of context: roofline share and host time
   workload   the 256-request trace: engine (paged, token-level) and engine (request-level, max-length reservation)
   pressure   the same policies and Orca-style reservations at the vLLM paper's KV slot count (15.7K, Table 1)
@@ -51,14 +53,16 @@ PAPER_SLOTS = 15_700  # vLLM Table 1: "Max. # KV cache slots" for the 13B model 
 SETTINGS = {  # full run on the H200 / dry run on the CPU
     "gpu": dict(model=LLAMA3_8B, n_requests=256, prompt_len=(100, 1024), new_tokens=256, max_model_len=2048,
                 kv_gib=48, b1_prompt=512, b1_tokens=128, b256_ctx=1024, b256_batch=256, pressure_requests=64,
+                kernel_batches=[8, 32], kernel_ctx=[64, 128, 256, 1024],
                 orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={16: 32, 32: 32, 64: 64},
                 hf_batch_requests=64, dial_requests=96, dial_rate=16.0, dial_batches=[8, 32, 128]),
     "dry": dict(model=TINY, n_requests=12, prompt_len=(5, 40), new_tokens=6, max_model_len=128,
                 kv_gib=0.01, b1_prompt=20, b1_tokens=6, b256_ctx=64, b256_batch=16, pressure_requests=6,
+                kernel_batches=[8], kernel_ctx=[64],
                 orca_requests=8, orca_new=(2, 10), orca_batch=4, hf_static={2: 4, 4: 4}, hf_batch_requests=4,
                 dial_requests=6, dial_rate=50.0, dial_batches=[2, 8]),
 }
-PARTS = ["bandwidth", "logits", "decode_b1", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
+PARTS = ["bandwidth", "logits", "decode_b1", "kernel", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
          "dial"]
 
 
@@ -190,6 +194,39 @@ def decode_b256(eng, s, reps, batch=256):
             "kv_bytes_read": batch * ctx * eng.model.cfg.kv_bytes_per_token(eng.dtype)}
 
 
+def kernel_overhead(cfg, s, dev, dtype, reps, seed, backend):
+    """Decode attention alone: the paged kernel through a shuffled block table, the same kernel through an identity
+    (contiguous) table, and SDPA on contiguous (B, H, ctx, d) K/V. Medians of the library timer, `reps` each."""
+    from torch.nn import functional as F
+
+    from repro_utils.bench import time_fn
+    from tinyserve.attention import AttnMeta, attention_torch, decode_triton
+
+    kernel = decode_triton if backend == "triton" else attention_torch
+    h_q, h_kv, d, bs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for b in s["kernel_batches"]:
+        for ctx in s["kernel_ctx"]:
+            nblk = b * ctx // bs
+            k_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+            v_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+            q = torch.randn(b, h_q, d, device=dev, dtype=dtype, generator=gen)
+            ctx_t = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+            tables = {"shuffled": torch.randperm(nblk, device=dev, generator=gen).view(b, -1).int(),
+                      "contiguous": torch.arange(nblk, device=dev).view(b, -1).int()}
+            row = {"batch": b, "context": ctx}
+            for name, t in tables.items():
+                meta = AttnMeta(False, None, ctx_t, t, context_lens_host=[ctx] * b, backend=backend)
+                row[f"paged_{name}_ms"] = [time_fn(lambda meta=meta, q=q, kc=k_cache, vc=v_cache: kernel(q, kc, vc, meta)).ms for _ in range(reps)]
+            k = k_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()  # (B, H_kv, ctx, d), one sequence per row
+            v = v_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()
+            row["sdpa_contiguous_ms"] = [time_fn(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q[:, :, None], k, v, enable_gqa=True)).ms for _ in range(reps)]
+            out.append(row)
+    return {"rows": out, "timer": "repro_utils.bench.time_fn (triton do_bench median on CUDA)"}
+
+
 def serve(eng, reqs, reps, num_blocks=None, **policy):
     """Run the trace `reps` times under one policy; per replicate: throughput, latency, KV accounting, host share."""
     runs = []
@@ -232,6 +269,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="replicates of every microbenchmark")
     ap.add_argument("--workload-reps", type=int, default=2, help="replicates of each full-trace run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
     args = ap.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
@@ -267,6 +306,10 @@ def main(argv=None):
     def part(name, fn):
         if name not in parts:
             return
+        if time.perf_counter() - t_start > args.budget_s:
+            res["parts"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent", "part_wall_s": 0.0}
+            bar.update(1)
+            return
         bar.set_postfix_str(name)
         t = time.perf_counter()
         try:
@@ -300,6 +343,8 @@ def main(argv=None):
         return out
 
     part("decode_b1", b1)
+
+    part("kernel", lambda: kernel_overhead(cfg, s, dev, dtype, args.reps, args.seed, eng.backend))
 
     def b256():
         out = decode_b256(eng, s, args.reps, batch=min(s["b256_batch"], num_blocks * 16 // s["b256_ctx"]))
