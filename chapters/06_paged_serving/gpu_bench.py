@@ -369,7 +369,7 @@ def main(argv=None):
                           ("oracle_token_level", dict(request_level=False, reserve="max_len")),
                           ("max_token_level", dict(request_level=False, reserve="max_model_len")),
                           ("request_level_max_len", dict(request_level=True, reserve="max_len"))):
-            out[name] = serve(eng, sub, 1, num_blocks=blocks, **pol)
+            out[name] = serve(eng, sub, args.workload_reps, num_blocks=blocks, **pol)
         eng.reset(num_blocks=num_blocks, request_level=False, reserve="paged")
         return out
 
