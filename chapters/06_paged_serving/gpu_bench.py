@@ -84,6 +84,16 @@ def timed(fn, reps):
     return out
 
 
+def median_ms(fn):
+    """Median milliseconds per call: triton's do_bench on CUDA (as repro_utils.bench.time_fn does, without importing
+    the course package, whose dependencies the GPU machine may lack); 20 synchronised calls on the CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return 1e3 * statistics.median(timed(fn, 20))
+
+
 def copy_bandwidth(dev, reps, nbytes):
     """Bytes moved (read + write) per second by a large device-to-device copy: the roofline's bandwidth."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
@@ -199,7 +209,6 @@ def kernel_overhead(cfg, s, dev, dtype, reps, seed, backend):
     (contiguous) table, and SDPA on contiguous (B, H, ctx, d) K/V. Medians of the library timer, `reps` each."""
     from torch.nn import functional as F
 
-    from repro_utils.bench import time_fn
     from tinyserve.attention import AttnMeta, attention_torch, decode_triton
 
     kernel = decode_triton if backend == "triton" else attention_torch
@@ -218,13 +227,14 @@ def kernel_overhead(cfg, s, dev, dtype, reps, seed, backend):
             row = {"batch": b, "context": ctx}
             for name, t in tables.items():
                 meta = AttnMeta(False, None, ctx_t, t, context_lens_host=[ctx] * b, backend=backend)
-                row[f"paged_{name}_ms"] = [time_fn(lambda meta=meta, q=q, kc=k_cache, vc=v_cache: kernel(q, kc, vc, meta)).ms for _ in range(reps)]
+                row[f"paged_{name}_ms"] = [median_ms(lambda meta=meta, q=q, kc=k_cache, vc=v_cache: kernel(q, kc, vc, meta))
+                                            for _ in range(reps)]
             k = k_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()  # (B, H_kv, ctx, d), one sequence per row
             v = v_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()
-            row["sdpa_contiguous_ms"] = [time_fn(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                q[:, :, None], k, v, enable_gqa=True)).ms for _ in range(reps)]
+            row["sdpa_contiguous_ms"] = [median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q[:, :, None], k, v, enable_gqa=True)) for _ in range(reps)]
             out.append(row)
-    return {"rows": out, "timer": "repro_utils.bench.time_fn (triton do_bench median on CUDA)"}
+    return {"rows": out, "timer": "triton.testing.do_bench median (L2 flushed) on CUDA; perf_counter median on the CPU"}
 
 
 def serve(eng, reqs, reps, num_blocks=None, **policy):
