@@ -1,0 +1,424 @@
+"""Chapter 06's GPU measurements in one run: the engine (tinyserve) against HF on random Llama-3-8B-shaped weights.
+
+    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/gpu_bench.py --out $OUT/ch06_gpu.json
+    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/gpu_bench.py --dry-run --out /tmp/ch06_dry.json   # CPU, tiny
+
+Parts, in order (each writes the JSON again when it ends, so a run cut short keeps what it measured):
+  setup      random HF LlamaForCausalLM (bf16) and the engine's model with the same weights
+  bandwidth  device-to-device copy (read + write bytes / time): the roofline's bandwidth
+  logits     engine vs HF logits (prefill, every position; one decode step) against an fp32 HF reference
+  decode_b1  batch-1 decode step time, eager and CUDA-graphed, against the weight-read floor
+  kernel     paged decode attention (shuffled blocks) vs the same kernel on contiguous blocks vs SDPA on
+             contiguous K/V, at vLLM Fig. 18a's batch sizes and contexts
+  decode_b256  one decode step of 256 sequences at 1,024 tokens of context: roofline share and host time
+  workload   the 256-request trace: engine (paged, token-level) and engine (request-level, max-length reservation)
+  pressure   the same policies and Orca-style reservations at the vLLM paper's KV slot count (15.7K, Table 1)
+  orca       iteration- vs request-level scheduling on a trace with varied output lengths
+  hf_static  HF generate, static batches of 16/32/64 padded to their longest prompt (a subset of the trace)
+  hf_batch   HF generate_batch, continuous batching (a subset of the trace)
+  dial       Poisson arrivals, maximum batch 8/32/128: TTFT and time between tokens against throughput
+Every timing comes with its replicates; nothing here grades: claims.yaml and the notebook do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from tinyserve.engine import Engine  # noqa: E402
+from tinyserve.model import ModelConfig, build_model  # noqa: E402
+from tinyserve.scheduler import Sequence  # noqa: E402
+from tinyserve.workload import hf_generate_batch, hf_static, make_workload, summarize  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+PAPER_SLOTS = 15_700  # vLLM Table 1: "Max. # KV cache slots" for the 13B model on one A100-40GB
+
+SETTINGS = {  # full run on the H200 / dry run on the CPU
+    "gpu": dict(model=LLAMA3_8B, n_requests=256, prompt_len=(100, 1024), new_tokens=256, max_model_len=2048,
+                kv_gib=48, b1_prompt=512, b1_tokens=128, b256_ctx=1024, b256_batch=256, pressure_requests=64,
+                kernel_batches=[8, 32], kernel_ctx=[64, 128, 256, 1024],
+                orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={16: 32, 32: 32, 64: 64},
+                hf_batch_requests=64, dial_requests=96, dial_rate=16.0, dial_batches=[8, 32, 128]),
+    "dry": dict(model=TINY, n_requests=12, prompt_len=(5, 40), new_tokens=6, max_model_len=128,
+                kv_gib=0.01, b1_prompt=20, b1_tokens=6, b256_ctx=64, b256_batch=16, pressure_requests=6,
+                kernel_batches=[8], kernel_ctx=[64],
+                orca_requests=8, orca_new=(2, 10), orca_batch=4, hf_static={2: 4, 4: 4}, hf_batch_requests=4,
+                dial_requests=6, dial_rate=50.0, dial_batches=[2, 8]),
+}
+PARTS = ["bandwidth", "logits", "decode_b1", "kernel", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
+         "dial"]
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps):
+    """Wall seconds of `reps` calls of fn (synchronised), after one untimed warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def median_ms(fn):
+    """Median milliseconds per call: triton's do_bench on CUDA (as repro_utils.bench.time_fn does, without importing
+    the course package, whose dependencies the GPU machine may lack); 20 synchronised calls on the CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return 1e3 * statistics.median(timed(fn, 20))
+
+
+def copy_bandwidth(dev, reps, nbytes):
+    """Bytes moved (read + write) per second by a large device-to-device copy: the roofline's bandwidth."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    times = timed(lambda: dst.copy_(src), reps)
+    return [2 * nbytes / t for t in times]
+
+
+def make_hf(cfg, dtype, dev, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16 directly: an fp32 8B model would need 32 GB first
+    try:
+        with torch.device(dev):
+            hf = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
+    finally:
+        torch.set_default_dtype(before)
+    return hf.eval()
+
+
+def weight_bytes(model):
+    """Bytes a decode step reads: every weight but the embedding table (one row per token is gathered)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed_tokens"))
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_logits(hf, model, eng, dev, seed):
+    """Prefill logits at every position of 4 prompts packed in one step, and one decode step, against HF."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [37, 128, 300, 511] if model.cfg.hidden_size > 64 else [5, 16, 17, 30]
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    eng.reset()
+    seqs = [eng.add_request(p, 2) for p in prompts]
+    batch = eng.scheduler.schedule()
+    ids, pos, meta, _ = eng.prepare(batch)
+    ours_prefill = model.logits(model(ids, pos, eng.kv_caches, meta))  # (T, vocab) fp32
+    for s in seqs:
+        s.tokens.append(42)  # the decode step's input token, the same for HF
+    batch = eng.scheduler.schedule()
+    ids, pos, meta, last = eng.prepare(batch)
+    ours_decode = model.logits(eng.forward(ids, pos, meta)[last])  # (4, vocab)
+
+    def hf_logits():
+        with torch.no_grad():
+            pre = torch.cat([hf(torch.tensor([p], device=dev)).logits[0].float() for p in prompts])
+            dec = torch.stack([hf(torch.tensor([p + [42]], device=dev)).logits[0, -1].float() for p in prompts])
+        return pre, dec
+
+    hf_pre, hf_dec = hf_logits()
+    hf.float()  # the fp32 reference: same weights (bf16 values are exact in fp32)
+    ref_pre, ref_dec = hf_logits()
+    hf.to(torch.bfloat16)
+    eng.reset()
+    out = {"prompt_lengths": lengths}
+    for name, ours, hfb, ref in (("prefill", ours_prefill, hf_pre, ref_pre), ("decode", ours_decode, hf_dec, ref_dec)):
+        out[name] = {"engine_rel_err_vs_fp32": rel_err(ours, ref), "hf_bf16_rel_err_vs_fp32": rel_err(hfb, ref),
+                     "engine_vs_hf_bf16_max_abs": (ours - hfb).abs().max().item(),
+                     "engine_argmax_agrees_fp32": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                     "hf_bf16_argmax_agrees_fp32": (hfb.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+        out[name]["err_ratio_engine_over_hf"] = out[name]["engine_rel_err_vs_fp32"] / max(out[name]["hf_bf16_rel_err_vs_fp32"], 1e-12)
+    return out
+
+
+def decode_b1(model, graphs, s, reps, seed):
+    """Median decode step time of one sequence (prompt b1_prompt, b1_tokens new), per replicate."""
+    n_blocks = math.ceil((s["b1_prompt"] + s["b1_tokens"]) / 16) + 2
+    eng = Engine(model, num_blocks=n_blocks, max_num_seqs=1, max_model_len=s["max_model_len"], cuda_graphs=graphs)
+    req = make_workload(1, (s["b1_prompt"], s["b1_prompt"]), s["b1_tokens"], model.cfg.vocab_size, seed)
+    meds = []
+    for r in range(reps + 1):
+        eng.reset()
+        eng.run(req)
+        steps = [x[4] for x in eng.step_log if x[0] == "decode"]
+        if r:  # the first run warms up (kernel compilation, allocator)
+            meds.append(statistics.median(steps))
+    del eng
+    return meds
+
+
+def decode_b256(eng, s, reps, batch=256):
+    """Decode steps of `batch` sequences of b256_ctx tokens (K/V left as zeros: the time does not depend on them)."""
+    ctx = s["b256_ctx"]
+    eng.reset()
+    seqs = [Sequence(i, [1] * ctx, 1) for i in range(batch)]
+    for q in seqs:
+        eng.bm.allocate(q.block_table, ctx)
+    eng.scheduler.running = list(seqs)
+    host, step = [], []
+    for r in range(reps + 3):  # three warm-ups
+        sync()
+        t0 = time.perf_counter()
+        b = eng.scheduler.schedule()
+        ids, pos, meta, last = eng.prepare(b)
+        t1 = time.perf_counter()
+        eng.sample(eng.model.logits(eng.forward(ids, pos, meta)[last]), b.seqs)  # .tolist() syncs
+        t2 = time.perf_counter()
+        if r >= 3:
+            host.append(t1 - t0)
+            step.append(t2 - t0)
+    device = timed(lambda: eng.model.logits(eng.forward(ids, pos, meta)[last]).argmax(-1), reps)
+    eng.reset()
+    return {"batch": batch, "context": ctx, "step_s": step, "host_s": host, "device_only_s": device,
+            "kv_bytes_read": batch * ctx * eng.model.cfg.kv_bytes_per_token(eng.dtype)}
+
+
+def kernel_overhead(cfg, s, dev, dtype, reps, seed, backend):
+    """Decode attention alone: the paged kernel through a shuffled block table, the same kernel through an identity
+    (contiguous) table, and SDPA on contiguous (B, H, ctx, d) K/V. Medians of the library timer, `reps` each."""
+    from torch.nn import functional as F
+
+    from tinyserve.attention import AttnMeta, attention_torch, decode_triton
+
+    kernel = decode_triton if backend == "triton" else attention_torch
+    h_q, h_kv, d, bs = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for b in s["kernel_batches"]:
+        for ctx in s["kernel_ctx"]:
+            nblk = b * ctx // bs
+            k_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+            v_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+            q = torch.randn(b, h_q, d, device=dev, dtype=dtype, generator=gen)
+            ctx_t = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+            tables = {"shuffled": torch.randperm(nblk, device=dev, generator=gen).view(b, -1).int(),
+                      "contiguous": torch.arange(nblk, device=dev).view(b, -1).int()}
+            row = {"batch": b, "context": ctx}
+            for name, t in tables.items():
+                meta = AttnMeta(False, None, ctx_t, t, context_lens_host=[ctx] * b, backend=backend)
+                row[f"paged_{name}_ms"] = [median_ms(lambda meta=meta, q=q, kc=k_cache, vc=v_cache: kernel(q, kc, vc, meta))
+                                            for _ in range(reps)]
+            k = k_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()  # (B, H_kv, ctx, d), one sequence per row
+            v = v_cache.view(b, ctx, h_kv, d).transpose(1, 2).contiguous()
+            row["sdpa_contiguous_ms"] = [median_ms(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
+                q[:, :, None], k, v, enable_gqa=True)) for _ in range(reps)]
+            out.append(row)
+    return {"rows": out, "timer": "triton.testing.do_bench median (L2 flushed) on CUDA; perf_counter median on the CPU"}
+
+
+def serve(eng, reqs, reps, num_blocks=None, **policy):
+    """Run the trace `reps` times under one policy; per replicate: throughput, latency, KV accounting, host share."""
+    runs = []
+    for _ in range(reps):
+        eng.reset(num_blocks=num_blocks, **policy)
+        sync()
+        t = time.perf_counter()
+        seqs = eng.run(reqs)
+        wall = time.perf_counter() - t
+        res = summarize(seqs, wall)
+        res["kv"] = eng.scheduler.account.as_dict()
+        dec = [x for x in eng.step_log if x[0] == "decode"]
+        res["steps"] = {"prefill": len(eng.step_log) - len(dec), "decode": len(dec),
+                        "mean_decode_batch": statistics.fmean(x[1] for x in dec) if dec else 0.0,
+                        "host_share_of_decode_steps": sum(x[3] for x in dec) / max(sum(x[4] for x in dec), 1e-12)}
+        res["outputs_head"] = [q.output[:8] for q in seqs[:4]]
+        runs.append(res)
+    return {"policy": {**eng.policy, "num_blocks": eng.bm.num_blocks, "block_size": eng.block_size}, "runs": runs}
+
+
+def fingerprint(dev):
+    import transformers
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "git_commit": commit,
+            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--reps", type=int, default=3, help="replicates of every microbenchmark")
+    ap.add_argument("--workload-reps", type=int, default=2, help="replicates of each full-trace run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}")
+    dev = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    if dev.type == "cpu" and not args.dry_run:
+        ap.error("no GPU: use --dry-run")
+    s = SETTINGS["dry" if args.dry_run else "gpu"]
+    t_start = time.perf_counter()
+    res = {"chapter": "06_paged_serving", "profile": "dry-run" if args.dry_run else "gpu", "settings": {
+        k: (v if k != "hf_static" else {str(b): n for b, n in v.items()}) for k, v in s.items()},
+        "fingerprint": fingerprint(dev), "parts": {}, "notes": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        res["wall_s"] = time.perf_counter() - t_start
+        out.write_text(json.dumps(res, indent=1, default=str))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(parts) + 1, desc="ch06", unit="part")
+    bar.set_postfix_str("setup")
+    dtype = torch.bfloat16
+    hf = make_hf(s["model"], dtype, dev, args.seed)
+    model = build_model(ModelConfig.from_hf(hf.config), hf.state_dict(), dtype=dtype, device=dev)
+    cfg = model.cfg
+    res["model"] = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes_read_per_step": weight_bytes(model),
+                    "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype), "dtype": "bf16", "weights": "random N(0, 0.02), seeded"}
+    bar.update(1)
+
+    def part(name, fn):
+        if name not in parts:
+            return
+        if time.perf_counter() - t_start > args.budget_s:
+            res["parts"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent", "part_wall_s": 0.0}
+            bar.update(1)
+            return
+        bar.set_postfix_str(name)
+        t = time.perf_counter()
+        try:
+            res["parts"][name] = fn()
+        except Exception as e:  # one failed part must not lose the others
+            res["parts"][name] = {"error": f"{type(e).__name__}: {e}"}
+        res["parts"][name]["part_wall_s"] = time.perf_counter() - t
+        save()
+        bar.update(1)
+
+    part("bandwidth", lambda: {"bytes_per_s": copy_bandwidth(dev, args.reps, 4 << 30 if dev.type == "cuda" else 64 << 20),
+                               "method": "tensor.copy_ of 4 GiB bf16 (2 x bytes per copy time), synchronised wall time"})
+    bw = statistics.median(res["parts"].get("bandwidth", {}).get("bytes_per_s", [float("nan")]))
+
+    # The engine for everything but batch-1: a cache of kv_gib, CUDA graphs on the GPU
+    num_blocks = int(s["kv_gib"] * 2**30 // (16 * cfg.kv_bytes_per_token(dtype)))
+    eng = Engine(model, num_blocks=num_blocks, max_num_seqs=256, max_model_len=s["max_model_len"],
+                 cuda_graphs=dev.type == "cuda")
+    res["engine"] = {"num_blocks": num_blocks, "slots": num_blocks * 16, "backend": eng.backend,
+                     "cuda_graph_sizes": eng.graphs.sizes if eng.graphs else None}
+
+    part("logits", lambda: check_logits(hf, model, eng, dev, args.seed))
+
+    def b1():
+        out = {"prompt": s["b1_prompt"], "new_tokens": s["b1_tokens"], "eager_step_s": decode_b1(model, False, s, args.reps, args.seed)}
+        if dev.type == "cuda":
+            out["graph_step_s"] = decode_b1(model, True, s, args.reps, args.seed)
+        mean_ctx = s["b1_prompt"] + s["b1_tokens"] / 2
+        out["floor_bytes"] = weight_bytes(model) + mean_ctx * cfg.kv_bytes_per_token(dtype)
+        out["floor_s"] = out["floor_bytes"] / bw
+        return out
+
+    part("decode_b1", b1)
+
+    part("kernel", lambda: kernel_overhead(cfg, s, dev, dtype, args.reps, args.seed, eng.backend))
+
+    def b256():
+        out = decode_b256(eng, s, args.reps, batch=min(s["b256_batch"], num_blocks * 16 // s["b256_ctx"]))
+        out["roofline_s"] = (weight_bytes(model) + out["kv_bytes_read"]) / bw
+        return out
+
+    part("decode_b256", b256)
+
+    reqs = make_workload(s["n_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, args.seed)
+    res["workload"] = {"requests": len(reqs), "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                       "output_tokens": sum(r.max_new_tokens for r in reqs), "arrivals": "all at t=0 (offline)"}
+    part("workload", lambda: {
+        "paged_token_level": serve(eng, reqs, args.workload_reps, request_level=False, reserve="paged"),
+        "request_level_max_len": serve(eng, reqs, args.workload_reps, request_level=True, reserve="max_len")})
+
+    def pressure():
+        sub = reqs[: s["pressure_requests"]]
+        blocks = min(num_blocks, PAPER_SLOTS // 16) if dev.type == "cuda" else max(
+            math.ceil(s["max_model_len"] / 16), num_blocks // 8)
+        out = {"slots": blocks * 16, "requests": len(sub), "note": "KV slots capped at the vLLM paper's 13B/A100-40GB count"}
+        for name, pol in (("paged_token_level", dict(request_level=False, reserve="paged")),
+                          ("oracle_token_level", dict(request_level=False, reserve="max_len")),
+                          ("max_token_level", dict(request_level=False, reserve="max_model_len")),
+                          ("request_level_max_len", dict(request_level=True, reserve="max_len"))):
+            out[name] = serve(eng, sub, args.workload_reps, num_blocks=blocks, **pol)
+        eng.reset(num_blocks=num_blocks, request_level=False, reserve="paged")
+        return out
+
+    part("pressure", pressure)
+
+    def orca():
+        var = make_workload(s["orca_requests"], s["prompt_len"], s["orca_new"], cfg.vocab_size, args.seed + 1)
+        out = {"requests": len(var), "new_tokens_range": s["orca_new"], "max_num_seqs": s["orca_batch"]}
+        for name, pol in (("token_level", dict(request_level=False)), ("request_level", dict(request_level=True))):
+            out[name] = serve(eng, var, args.workload_reps, max_num_seqs=s["orca_batch"], reserve="paged", **pol)
+        eng.reset(max_num_seqs=256, request_level=False)
+        return out
+
+    part("orca", orca)
+
+    def static():
+        out = {"note": "HF generate on the first n requests of the trace (tokens/s is per token, so a subset compares)"}
+        for bsz, n in s["hf_static"].items():
+            out[str(bsz)] = hf_static(hf, reqs[:n], bsz)
+        return out
+
+    part("hf_static", static)
+    part("hf_batch", lambda: {"note": "HF generate_batch on the first n requests of the trace",
+                              **hf_generate_batch(hf, reqs[: s["hf_batch_requests"]])})
+
+    def dial():
+        timed_reqs = make_workload(s["dial_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, args.seed + 2,
+                                   rate=s["dial_rate"])
+        out = {"requests": len(timed_reqs), "rate_req_s": s["dial_rate"]}
+        for b in s["dial_batches"]:
+            out[str(b)] = serve(eng, timed_reqs, 1, max_num_seqs=b, request_level=False, reserve="paged")
+        eng.reset(max_num_seqs=256)
+        return out
+
+    part("dial", dial)
+    bar.close()
+    save()
+    print(f"wrote {out} in {res['wall_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

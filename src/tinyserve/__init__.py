@@ -1,0 +1,2 @@
+"""tinyserve: a small LLM serving engine (paged KV cache, token-level scheduling) for the serving chapters of
+"Trust, but reproduce". One module per part: model, attention, block_manager, scheduler, engine, workload."""
