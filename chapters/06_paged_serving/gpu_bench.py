@@ -7,6 +7,7 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   setup      random HF LlamaForCausalLM (bf16) and the engine's model with the same weights
   bandwidth  device-to-device copy (read + write bytes / time): the roofline's bandwidth
   logits     engine vs HF logits (prefill, every position; one decode step) against an fp32 HF reference
+  logits_torch  the same through the engine's torch attention path (tells the kernels from the model)
   decode_b1  batch-1 decode step time, eager and CUDA-graphed, against the weight-read floor
   kernel     paged decode attention (shuffled blocks) vs the same kernel on contiguous blocks vs SDPA on
              contiguous K/V, at vLLM Fig. 18a's batch sizes and contexts
@@ -62,7 +63,7 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 orca_requests=8, orca_new=(2, 10), orca_batch=4, hf_static={2: 4, 4: 4}, hf_batch_requests=4,
                 dial_requests=6, dial_rate=50.0, dial_batches=[2, 8]),
 }
-PARTS = ["bandwidth", "logits", "decode_b1", "kernel", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
+PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
          "dial"]
 
 
@@ -148,9 +149,13 @@ def check_logits(hf, model, eng, dev, seed):
         return pre, dec
 
     hf_pre, hf_dec = hf_logits()
+    rot = hf.model.rotary_emb
+    freqs = {n: b.clone() for n, b in rot.named_buffers()}  # fp32 RoPE frequencies: a cast must not round them
     hf.float()  # the fp32 reference: same weights (bf16 values are exact in fp32)
     ref_pre, ref_dec = hf_logits()
     hf.to(torch.bfloat16)
+    for n, b in freqs.items():  # .to(bf16) rounded them (6x the logit error at position 500): put them back
+        setattr(rot, n, b)
     eng.reset()
     out = {"prompt_lengths": lengths}
     for name, ours, hfb, ref in (("prefill", ours_prefill, hf_pre, ref_pre), ("decode", ours_decode, hf_dec, ref_dec)):
@@ -342,6 +347,15 @@ def main(argv=None):
                      "cuda_graph_sizes": eng.graphs.sizes if eng.graphs else None}
 
     part("logits", lambda: check_logits(hf, model, eng, dev, args.seed))
+
+    def logits_torch():  # the same check through the torch reference path: separates the kernels from the model
+        backend, eng.backend = eng.backend, "torch"
+        try:
+            return check_logits(hf, model, eng, dev, args.seed)
+        finally:
+            eng.backend = backend
+
+    part("logits_torch", logits_torch)
 
     def b1():
         out = {"prompt": s["b1_prompt"], "new_tokens": s["b1_tokens"], "eager_step_s": decode_b1(model, False, s, args.reps, args.seed)}
