@@ -84,9 +84,9 @@ def shown_code(nb) -> list[str]:
 
 
 def _check_shown_code(root: Path, nb_path: Path, nb) -> list[str]:
-    """Each shown piece must occur in a module of the chapter (or of repro_utils), at some indentation."""
+    """Each shown piece must occur in a module of the chapter (or of a package under src/), at some indentation."""
     texts = []
-    for f in [*sorted(nb_path.parent.glob("*.py")), *sorted((root / "src" / "repro_utils").glob("*.py"))]:
+    for f in [*sorted(nb_path.parent.glob("*.py")), *sorted((root / "src").glob("*/*.py"))]:  # chapter, repro_utils, tinyserve
         lines = f.read_text().splitlines()
         for k in (0, 4, 8, 12):  # show() dedents methods and nested functions
             texts.append("\n".join(ln[k:] if ln.startswith(" " * k) else ln.strip() and ln for ln in lines))

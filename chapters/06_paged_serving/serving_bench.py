@@ -1,7 +1,7 @@
 """Chapter 06's GPU measurements in one run: the engine (tinyserve) against HF on random Llama-3-8B-shaped weights.
 
-    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/gpu_bench.py --out $OUT/ch06_gpu.json
-    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/gpu_bench.py --dry-run --out /tmp/ch06_dry.json   # CPU, tiny
+    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/serving_bench.py --out $OUT/ch06_gpu.json
+    PYTHONPATH=$PWD/src python3 chapters/06_paged_serving/serving_bench.py --dry-run --out /tmp/ch06_dry.json   # CPU, tiny
 
 Parts, in order (each writes the JSON again when it ends, so a run cut short keeps what it measured):
   setup      random HF LlamaForCausalLM (bf16) and the engine's model with the same weights
@@ -55,8 +55,8 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
     "gpu": dict(model=LLAMA3_8B, n_requests=256, prompt_len=(100, 1024), new_tokens=256, max_model_len=2048,
                 kv_gib=48, b1_prompt=512, b1_tokens=128, b256_ctx=1024, b256_batch=256, pressure_requests=64,
                 kernel_batches=[8, 32], kernel_ctx=[64, 128, 256, 1024],
-                orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={16: 32, 32: 32, 64: 64},
-                hf_batch_requests=64, dial_requests=96, dial_rate=16.0, dial_batches=[8, 32, 128]),
+                orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={32: 32, 64: 64},
+                hf_batch_requests=64, dial_requests=64, dial_rate=16.0, dial_batches=[8, 128]),
     "dry": dict(model=TINY, n_requests=12, prompt_len=(5, 40), new_tokens=6, max_model_len=128,
                 kv_gib=0.01, b1_prompt=20, b1_tokens=6, b256_ctx=64, b256_batch=16, pressure_requests=6,
                 kernel_batches=[8], kernel_ctx=[64],
@@ -276,42 +276,33 @@ def fingerprint(dev):
             "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    ap.add_argument("--reps", type=int, default=3, help="replicates of every microbenchmark")
-    ap.add_argument("--workload-reps", type=int, default=2, help="replicates of each full-trace run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
-    args = ap.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}")
-    dev = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
-    if dev.type == "cpu" and not args.dry_run:
-        ap.error("no GPU: use --dry-run")
-    s = SETTINGS["dry" if args.dry_run else "gpu"]
+def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS), reps: int = 3, workload_reps: int = 2,
+            seed: int = 0, budget_s: float = 480.0, progress: bool = True) -> dict:
+    """Every part in order; returns the results (and writes them to ``out`` after each part, if given)."""
+    parts = list(parts)
+    dev = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+    if dev.type == "cpu" and not dry_run:
+        raise RuntimeError("no GPU: use dry_run=True (a tiny model on the CPU)")
+    s = SETTINGS["dry" if dry_run else "gpu"]
     t_start = time.perf_counter()
-    res = {"chapter": "06_paged_serving", "profile": "dry-run" if args.dry_run else "gpu", "settings": {
+    res = {"chapter": "06_paged_serving", "profile": "dry-run" if dry_run else "gpu", "settings": {
         k: (v if k != "hf_static" else {str(b): n for b, n in v.items()}) for k, v in s.items()},
         "fingerprint": fingerprint(dev), "parts": {}, "notes": []}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         res["wall_s"] = time.perf_counter() - t_start
-        out.write_text(json.dumps(res, indent=1, default=str))
+        if out is not None:
+            out.write_text(json.dumps(res, indent=1, default=str))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(parts) + 1, desc="ch06", unit="part")
+    bar = tqdm(total=len(parts) + 1, desc="ch06", unit="part", disable=not progress)
     bar.set_postfix_str("setup")
     dtype = torch.bfloat16
-    hf = make_hf(s["model"], dtype, dev, args.seed)
+    hf = make_hf(s["model"], dtype, dev, seed)
     model = build_model(ModelConfig.from_hf(hf.config), hf.state_dict(), dtype=dtype, device=dev)
     cfg = model.cfg
     res["model"] = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes_read_per_step": weight_bytes(model),
@@ -321,8 +312,8 @@ def main(argv=None):
     def part(name, fn):
         if name not in parts:
             return
-        if time.perf_counter() - t_start > args.budget_s:
-            res["parts"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent", "part_wall_s": 0.0}
+        if time.perf_counter() - t_start > budget_s:
+            res["parts"][name] = {"skipped": f"time budget of {budget_s:.0f} s spent", "part_wall_s": 0.0}
             bar.update(1)
             return
         bar.set_postfix_str(name)
@@ -335,32 +326,32 @@ def main(argv=None):
         save()
         bar.update(1)
 
-    part("bandwidth", lambda: {"bytes_per_s": copy_bandwidth(dev, args.reps, 4 << 30 if dev.type == "cuda" else 64 << 20),
+    part("bandwidth", lambda: {"bytes_per_s": copy_bandwidth(dev, reps, 4 << 30 if dev.type == "cuda" else 64 << 20),
                                "method": "tensor.copy_ of 4 GiB bf16 (2 x bytes per copy time), synchronised wall time"})
     bw = statistics.median(res["parts"].get("bandwidth", {}).get("bytes_per_s", [float("nan")]))
 
     # The engine for everything but batch-1: a cache of kv_gib, CUDA graphs on the GPU
     num_blocks = int(s["kv_gib"] * 2**30 // (16 * cfg.kv_bytes_per_token(dtype)))
     eng = Engine(model, num_blocks=num_blocks, max_num_seqs=256, max_model_len=s["max_model_len"],
-                 cuda_graphs=dev.type == "cuda")
+                 cuda_graphs=dev.type == "cuda", backend="triton" if dev.type == "cuda" else "torch")
     res["engine"] = {"num_blocks": num_blocks, "slots": num_blocks * 16, "backend": eng.backend,
                      "cuda_graph_sizes": eng.graphs.sizes if eng.graphs else None}
 
-    part("logits", lambda: check_logits(hf, model, eng, dev, args.seed))
+    part("logits", lambda: check_logits(hf, model, eng, dev, seed))
 
     def logits_torch():  # the same check through the torch reference path: separates the kernels from the model
         backend, eng.backend = eng.backend, "torch"
         try:
-            return check_logits(hf, model, eng, dev, args.seed)
+            return check_logits(hf, model, eng, dev, seed)
         finally:
             eng.backend = backend
 
     part("logits_torch", logits_torch)
 
     def b1():
-        out = {"prompt": s["b1_prompt"], "new_tokens": s["b1_tokens"], "eager_step_s": decode_b1(model, False, s, args.reps, args.seed)}
+        out = {"prompt": s["b1_prompt"], "new_tokens": s["b1_tokens"], "eager_step_s": decode_b1(model, False, s, reps, seed)}
         if dev.type == "cuda":
-            out["graph_step_s"] = decode_b1(model, True, s, args.reps, args.seed)
+            out["graph_step_s"] = decode_b1(model, True, s, reps, seed)
         mean_ctx = s["b1_prompt"] + s["b1_tokens"] / 2
         out["floor_bytes"] = weight_bytes(model) + mean_ctx * cfg.kv_bytes_per_token(dtype)
         out["floor_s"] = out["floor_bytes"] / bw
@@ -368,21 +359,21 @@ def main(argv=None):
 
     part("decode_b1", b1)
 
-    part("kernel", lambda: kernel_overhead(cfg, s, dev, dtype, args.reps, args.seed, eng.backend))
+    part("kernel", lambda: kernel_overhead(cfg, s, dev, dtype, reps, seed, eng.backend))
 
     def b256():
-        out = decode_b256(eng, s, args.reps, batch=min(s["b256_batch"], num_blocks * 16 // s["b256_ctx"]))
+        out = decode_b256(eng, s, reps, batch=min(s["b256_batch"], num_blocks * 16 // s["b256_ctx"]))
         out["roofline_s"] = (weight_bytes(model) + out["kv_bytes_read"]) / bw
         return out
 
     part("decode_b256", b256)
 
-    reqs = make_workload(s["n_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, args.seed)
+    reqs = make_workload(s["n_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, seed)
     res["workload"] = {"requests": len(reqs), "prompt_tokens": sum(len(r.prompt) for r in reqs),
                        "output_tokens": sum(r.max_new_tokens for r in reqs), "arrivals": "all at t=0 (offline)"}
     part("workload", lambda: {
-        "paged_token_level": serve(eng, reqs, args.workload_reps, request_level=False, reserve="paged"),
-        "request_level_max_len": serve(eng, reqs, args.workload_reps, request_level=True, reserve="max_len")})
+        "paged_token_level": serve(eng, reqs, workload_reps, request_level=False, reserve="paged"),
+        "request_level_max_len": serve(eng, reqs, workload_reps, request_level=True, reserve="max_len")})
 
     def pressure():
         sub = reqs[: s["pressure_requests"]]
@@ -391,19 +382,18 @@ def main(argv=None):
         out = {"slots": blocks * 16, "requests": len(sub), "note": "KV slots capped at the vLLM paper's 13B/A100-40GB count"}
         for name, pol in (("paged_token_level", dict(request_level=False, reserve="paged")),
                           ("oracle_token_level", dict(request_level=False, reserve="max_len")),
-                          ("max_token_level", dict(request_level=False, reserve="max_model_len")),
-                          ("request_level_max_len", dict(request_level=True, reserve="max_len"))):
-            out[name] = serve(eng, sub, args.workload_reps, num_blocks=blocks, **pol)
+                          ("max_token_level", dict(request_level=False, reserve="max_model_len"))):
+            out[name] = serve(eng, sub, workload_reps, num_blocks=blocks, **pol)
         eng.reset(num_blocks=num_blocks, request_level=False, reserve="paged")
         return out
 
     part("pressure", pressure)
 
     def orca():
-        var = make_workload(s["orca_requests"], s["prompt_len"], s["orca_new"], cfg.vocab_size, args.seed + 1)
+        var = make_workload(s["orca_requests"], s["prompt_len"], s["orca_new"], cfg.vocab_size, seed + 1)
         out = {"requests": len(var), "new_tokens_range": s["orca_new"], "max_num_seqs": s["orca_batch"]}
         for name, pol in (("token_level", dict(request_level=False)), ("request_level", dict(request_level=True))):
-            out[name] = serve(eng, var, args.workload_reps, max_num_seqs=s["orca_batch"], reserve="paged", **pol)
+            out[name] = serve(eng, var, workload_reps, max_num_seqs=s["orca_batch"], reserve="paged", **pol)
         eng.reset(max_num_seqs=256, request_level=False)
         return out
 
@@ -420,18 +410,38 @@ def main(argv=None):
                               **hf_generate_batch(hf, reqs[: s["hf_batch_requests"]])})
 
     def dial():
-        timed_reqs = make_workload(s["dial_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, args.seed + 2,
+        timed_reqs = make_workload(s["dial_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, seed + 2,
                                    rate=s["dial_rate"])
         out = {"requests": len(timed_reqs), "rate_req_s": s["dial_rate"]}
         for b in s["dial_batches"]:
-            out[str(b)] = serve(eng, timed_reqs, 1, max_num_seqs=b, request_level=False, reserve="paged")
+            out[str(b)] = serve(eng, timed_reqs, workload_reps, max_num_seqs=b, request_level=False, reserve="paged")
         eng.reset(max_num_seqs=256)
         return out
 
     part("dial", dial)
     bar.close()
     save()
-    print(f"wrote {out} in {res['wall_s']:.1f} s")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--reps", type=int, default=3, help="replicates of every microbenchmark")
+    ap.add_argument("--workload-reps", type=int, default=2, help="replicates of each full-trace run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}")
+    res = measure(dry_run=args.dry_run, out=args.out, parts=parts, reps=args.reps, workload_reps=args.workload_reps,
+                  seed=args.seed, budget_s=args.budget_s)
+    print(f"wrote {args.out} in {res['wall_s']:.1f} s")
 
 
 if __name__ == "__main__":
