@@ -11,6 +11,8 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   decode_b1  batch-1 decode step time, eager and CUDA-graphed, against the weight-read floor
   kernel     paged decode attention (shuffled blocks) vs the same kernel on contiguous blocks vs SDPA on
              contiguous K/V, at vLLM Fig. 18a's batch sizes and contexts
+  block_sizes  vLLM §7.2's trade-off: KV waste of the trace per block size (exact, from the scheduler) and the
+             decode kernel's latency per block size (batch 32, context 1,024, shuffled tables)
   decode_b256  one decode step of 256 sequences at 1,024 tokens of context: roofline share and host time
   workload   the 256-request trace: engine (paged, token-level) and engine (request-level, max-length reservation)
   pressure   the same policies and Orca-style reservations at the vLLM paper's KV slot count (15.7K, Table 1)
@@ -56,14 +58,15 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 kv_gib=48, b1_prompt=512, b1_tokens=128, b256_ctx=1024, b256_batch=256, pressure_requests=64,
                 kernel_batches=[8, 32], kernel_ctx=[64, 128, 256, 1024],
                 orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={32: 32, 64: 64},
-                hf_batch_requests=64, dial_requests=64, dial_rate=16.0, dial_batches=[8, 128]),
+                hf_batch_requests=64, dial_requests=64, dial_rate=16.0, dial_batches=[8, 128],
+                block_sizes=[8, 16, 32, 64, 128, 256], block_batch=32, block_ctx=1024),
     "dry": dict(model=TINY, n_requests=12, prompt_len=(5, 40), new_tokens=6, max_model_len=128,
                 kv_gib=0.01, b1_prompt=20, b1_tokens=6, b256_ctx=64, b256_batch=16, pressure_requests=6,
                 kernel_batches=[8], kernel_ctx=[64],
                 orca_requests=8, orca_new=(2, 10), orca_batch=4, hf_static={2: 4, 4: 4}, hf_batch_requests=4,
-                dial_requests=6, dial_rate=50.0, dial_batches=[2, 8]),
+                dial_requests=6, dial_rate=50.0, dial_batches=[2, 8], block_sizes=[8, 16, 64], block_batch=4, block_ctx=64),
 }
-PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
+PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "block_sizes", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
          "dial"]
 
 
@@ -242,6 +245,33 @@ def kernel_overhead(cfg, s, dev, dtype, reps, seed, backend):
     return {"rows": out, "timer": "triton.testing.do_bench median (L2 flushed) on CUDA; perf_counter median on the CPU"}
 
 
+def block_size_sweep(cfg, s, dev, dtype, reps, seed, backend, reqs, num_slots):
+    """Waste per block size over the trace (scheduler.simulate: exact, no model) and the paged decode kernel's latency
+    per block size at batch 32, context 1,024 (the same tokens in blocks of each size, shuffled)."""
+    from tinyserve.attention import AttnMeta, attention_torch, decode_triton
+    from tinyserve.scheduler import simulate
+
+    kernel = decode_triton if backend == "triton" else attention_torch
+    lengths = [(len(r.prompt), r.max_new_tokens) for r in reqs]
+    out = {"sizes": s["block_sizes"], "waste": {}, "kernel_ms": {}, "batch": s["block_batch"], "context": s["block_ctx"]}
+    h_q, h_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    b, ctx = s["block_batch"], s["block_ctx"]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(b, h_q, d, device=dev, dtype=dtype, generator=gen)
+    ctx_t = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+    for bs in s["block_sizes"]:
+        acct = simulate(lengths, num_blocks=num_slots // bs, block_size=bs).account
+        out["waste"][str(bs)] = 1 - acct.kept_fraction
+        nblk = b * ctx // bs
+        k_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+        v_cache = torch.randn(nblk, bs, h_kv, d, device=dev, dtype=dtype, generator=gen)
+        table = torch.randperm(nblk, device=dev, generator=gen).view(b, -1).int()
+        meta = AttnMeta(False, None, ctx_t, table, context_lens_host=[ctx] * b, backend=backend)
+        out["kernel_ms"][str(bs)] = [median_ms(lambda meta=meta, kc=k_cache, vc=v_cache: kernel(q, kc, vc, meta))
+                                     for _ in range(reps)]
+    return out
+
+
 def serve(eng, reqs, reps, num_blocks=None, **policy):
     """Run the trace `reps` times under one policy; per replicate: throughput, latency, KV accounting, host share."""
     runs = []
@@ -360,6 +390,8 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
     part("decode_b1", b1)
 
     part("kernel", lambda: kernel_overhead(cfg, s, dev, dtype, reps, seed, eng.backend))
+    trace = make_workload(s["n_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, seed)
+    part("block_sizes", lambda: block_size_sweep(cfg, s, dev, dtype, reps, seed, eng.backend, trace, num_blocks * 16))
 
     def b256():
         out = decode_b256(eng, s, reps, batch=min(s["b256_batch"], num_blocks * 16 // s["b256_ctx"]))
