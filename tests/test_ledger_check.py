@@ -259,3 +259,9 @@ def test_a_schema_1_ledger_must_be_regraded(course):
     data["schema_version"] = 1
     path.write_text(json.dumps(data))
     assert any("predates the evidence standard" in p for p in check(course))
+
+
+def test_inconclusive_on_one_device_and_decided_on_another_is_not_unstable(course):
+    device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    device_ledger(course, "NVIDIA H200", None)  # needs-gpu untested there: Unverified, no contradiction
+    assert not any("unstable" in p for p in check(course))

@@ -8,8 +8,8 @@
 - a claim's metric, unit and tests never change under the same id across published runs (evidence
   standard, rule 7): a changed metric is a new claim;
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
-- a claim graded differently on two devices (or by two runs of one device at the same protocol) is
-  *unstable*, and needs a dated line in book/corrections.md that explains it;
+- a claim given two different decided grades on two devices (or by two runs of one device at the same
+  protocol) is *unstable*, and needs a dated line in book/corrections.md that explains it;
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
   piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
   edited after the run means the run must be repeated);
@@ -223,12 +223,20 @@ def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
             old = {c["id"]: c for c in _entries(a)}
             for c in _entries(b):
                 o = old.get(c["id"])
-                if o and o["grade"] != c["grade"] and _view(o) == _view(c) and c["id"] in out:
+                if o and _conflict(o["grade"], c["grade"]) and _view(o) == _view(c) and c["id"] in out:
                     out[c["id"]]["flips"].append(f"{device}: {o['grade']} then {c['grade']} ({lbl})")
     for rec in out.values():
         same_protocol = len(set(rec["views"].values())) == 1
-        rec["unstable"] = bool(rec["flips"]) or (same_protocol and len(set(rec["grades"].values())) > 1)
+        decided = {g for g in rec["grades"].values() if g != "Unverified"}
+        rec["unstable"] = bool(rec["flips"]) or (same_protocol and len(decided) > 1)
     return out
+
+
+def _conflict(a: str, b: str) -> bool:
+    """Two grades contradict each other when both decide and differ. Unverified (untested or inconclusive)
+    against a decided grade is no contradiction: the interval sat on the bar in one run and cleared it in the
+    other (the grade change still needs its Corrections line, as every grade change does)."""
+    return a != b and "Unverified" not in (a, b)
 
 
 def _view(entry: dict) -> dict:
