@@ -34,6 +34,10 @@ def hf():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharp attention: at init scale it is nearly uniform, and wrong positions (RoPE) or a
+        for layer in model.model.layers:  # wrong cached K/V would barely move the logits (measured: the test passed
+            layer.self_attn.q_proj.weight.mul_(8)  # with every suffix position off by the prefix length)
+            layer.self_attn.k_proj.weight.mul_(8)
     model.generation_config.eos_token_id = None  # this random model emits the config's EOS id (2): never stop
     return model
 
@@ -45,7 +49,7 @@ def ours(hf):
 
 @pytest.fixture(scope="module")
 def loads():
-    return wl.all_workloads("test", vocab=VOCAB, seed=3)
+    return wl.all_workloads("test", vocab=VOCAB, seed=1)  # seed 1: top-two logit gaps >= 6.9e-4 (seed 3: 1.2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def test_triton_prefill_over_a_cached_prefix_equals_hf(ours, loads, expected, mo
 def test_radix_hits_at_least_hash_on_every_workload():
     """Token granularity loses nothing to block granularity when memory is ample; it gains the partial block."""
     gained = 0
-    for w in wl.all_workloads("test", vocab=VOCAB, seed=3):
+    for w in wl.all_workloads("test", vocab=VOCAB, seed=1):
         rounds = [[(r.prompt, r.max_new_tokens) for r in rnd] for rnd in w.rounds]
         h, r = (simulate_rounds(rounds, 256, 8, prefix_cache=k, cache_aware=True).cache_stats for k in ("hash", "radix"))
         assert r["cached_tokens"] >= h["cached_tokens"], w.name

@@ -196,3 +196,14 @@ def test_hit_counts_by_hand(aware):
 def test_no_cache_leaves_the_scheduler_as_it_was():
     s = simulate_rounds([[([1, 2, 3] * 5, 4)] * 3], 16, 4)
     assert s.cache is None and s.cache_stats["prefills"] == 0 and s.bm.num_free == 16 and s.bm.reclaim is None
+
+
+def test_a_sequence_that_fits_without_the_cache_is_not_starved_by_it():
+    """12 blocks of 8; a second request of exactly 12 blocks matches 81 tokens of the first: the copy of block 10
+    would need a 13th block while the matched leaf is locked. Found as a hang on the few-shot workload; the match
+    falls back to the block boundary (80 tokens) instead."""
+    prefix = list(range(1, 81))
+    rounds = [[(prefix + [100], 3)], [(prefix + [100] + [7] * 8, 3)]]
+    for kind, hit in (("radix", 80), ("hash", 80)):
+        s = simulate_rounds(rounds, 12, 8, check=True, prefix_cache=kind)
+        assert s.cache_stats["cached_tokens"] == hit, kind

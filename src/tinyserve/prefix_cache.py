@@ -66,9 +66,11 @@ class HashPrefixCache:
         """Tokens a new sequence with this prompt would reuse now (no side effects; cache-aware scheduling)."""
         return len(self._lookup(tokens, len(tokens) - 1)) * self.B
 
-    def match(self, seq) -> tuple[list[int], int, int | None]:
-        """Share the cached prefix of seq.tokens: (blocks now also held by seq, tokens reused, block to copy=None)."""
-        blocks = self._lookup(seq.tokens, len(seq.tokens) - 1)
+    def match(self, seq, limit: int | None = None) -> tuple[list[int], int, int | None]:
+        """Share the cached prefix of seq.tokens (at most len - 1 tokens, or limit): (blocks now also held by seq,
+        tokens reused, block to copy: always None, a hash hit is whole blocks)."""
+        limit = len(seq.tokens) - 1 if limit is None else min(limit, len(seq.tokens) - 1)
+        blocks = self._lookup(seq.tokens, limit)
         for b in blocks:
             self.bm.share_block(b)
             self.lru.pop(b, None)  # held again: not evictable

@@ -117,10 +117,11 @@ class RadixCache:
     def peek(self, tokens: list[int]) -> int:
         return self._walk(tokens, len(tokens) - 1, split=False)[1]
 
-    def match(self, seq) -> tuple[list[int], int, int | None]:
-        """Lock the longest cached prefix of seq.tokens (at most len - 1 tokens). Returns (full blocks, now also
-        held by seq; tokens reused; the block to copy into seq's next block when the match ends inside one)."""
-        path, m = self._walk(seq.tokens, len(seq.tokens) - 1, split=True)
+    def match(self, seq, limit: int | None = None) -> tuple[list[int], int, int | None]:
+        """Lock the longest cached prefix of seq.tokens (at most len - 1 tokens, or limit). Returns (full blocks, now
+        also held by seq; tokens reused; the block to copy into seq's next block when the match ends inside one)."""
+        limit = len(seq.tokens) - 1 if limit is None else min(limit, len(seq.tokens) - 1)
+        path, m = self._walk(seq.tokens, limit, split=True)
         self._lock(path[-1], +1)
         seq.cache_node = path[-1]
         table = self._path_blocks(path, m)

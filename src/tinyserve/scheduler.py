@@ -155,6 +155,15 @@ class Scheduler:
                 self.cache.release(seq)
                 break  # a prompt longer than the budget still runs, alone
             need = self._reserved_tokens(seq)
+            # A radix match may hold a block or two beyond seq's own table (the block to copy; another sequence's
+            # copy at a mid-block split on the path): when that is what stops it, match less. Last, with nothing
+            # else running to free memory, reuse nothing rather than wait forever.
+            for limit in (m // self.bm.block_size * self.bm.block_size, 0):
+                if self.bm.can_allocate(need, seq.block_table) or m == 0 or (limit == 0 and (batch or self.running)):
+                    break
+                self.cache.release(seq)
+                table, m, src = self.cache.match(seq, limit)
+                seq.block_table = table
             if not self.bm.can_allocate(need, seq.block_table):  # may evict cached blocks nobody holds
                 self.cache.release(seq)
                 break  # without cache-aware scheduling nobody overtakes the head of the queue
