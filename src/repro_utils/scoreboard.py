@@ -48,7 +48,7 @@ def render(root: str | Path) -> str:
     goal_tallies: dict[str, Counter] = {}
     body = []
     for ch in chapters(root):
-        body.append(f"\n## {ch.id}: {ch.title}\n")
+        body.append(f"\n## {ch.id[:2]} · {ch.title}\n")
         runs = [(p, data) for p in PUBLISHED for _, data in ledger.published(root, ch.id, (p,))]
         if not runs:
             body.append("Not yet run on a GPU: no committed ledger.\n")
@@ -70,7 +70,7 @@ def render(root: str | Path) -> str:
                 tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
                 cells.append(f"{_grade(e)} · {_measured(e)}")
             scales = ", ".join(f"{p}: {s}" for p, s in claim.profiles.items() if p != "smoke") or "—"
-            body.append(f"| `{claim.id}` | {claim.unit or '—'} | {scales} | " + " | ".join(cells)
+            body.append(f"| {claim.id} | {claim.unit or '—'} | {scales} | " + " | ".join(cells)
                         + f" | {_stable(stab, ch.id, claim.id, log)} |")
         if ch.goals:
             body.append("\n**Goals** (the course's own targets)\n")
@@ -87,7 +87,7 @@ def render(root: str | Path) -> str:
                         continue
                     goal_tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
                     cells.append(f"{_grade(e)} · {_measured(e)}")
-                body.append(f"| `{goal.id}` | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells) + " |")
+                body.append(f"| {goal.id} | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells) + " |")
     summary = []
     for dev in sorted(set(tallies) | set(goal_tallies)):
         t, g = tallies.get(dev, Counter()), goal_tallies.get(dev, Counter())
