@@ -142,3 +142,12 @@ def test_the_course_address_is_the_one_in_config_everywhere():
     for f in [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]:
         for found in re.findall(rf"https://github\.com/{re.escape(owner)}/[\w.-]+", f.read_text()):
             assert found == url, f"{f.name}: {found} is not the course's address {url} (_config.yml)"
+
+
+def test_tidy_drops_a_library_log_line_written_into_a_progress_bar():
+    bar = ("ch06:  86%|████████▌ | 12/14 [06:15<02:00, 60.30s/part, hf_batch] 2026-12-04 14:35:29,525 - "
+           "ContinuousBatchingLogger - WARNING - `eos_token_id` not set in GenerationConfig.\n"
+           "ch06: 100%|██████████| 14/14 [08:18<00:00, 35.57s/part, dial]")
+    assert notebooks.tidy_text(bar) == "ch06: 100%|██████████| 14/14 [08:18<00:00, 35.57s/part, dial]"
+    kept = "step 3: 2026-12-04 14:35:29,525 - a line of the chapter's own that looks like a log"
+    assert notebooks.tidy_text(kept) == kept  # only a bar with HF's logger in it goes

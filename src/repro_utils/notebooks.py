@@ -43,6 +43,8 @@ KNOWN_DEBRIS = (
 )
 _WARNING = re.compile(r"^\S+\.py:\d+: (?P<cat>\w+Warning): (?P<msg>.*)$")
 _DEBRIS_LINE = re.compile(r"^Generating \w+ split: ")
+# a library's log line written into the middle of a progress bar (HF's generate_batch); the bar's line goes with it
+_LOG_IN_BAR = re.compile(r"^[^\n]*\| [^\n]* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ContinuousBatchingLogger - WARNING - [^\n]*$")
 SETUP_TAGS = {"colab": "remove-cell", "parameters": "hide-cell", "injected-parameters": "remove-cell"}
 COLAB_MARK = "# Colab only:"
 INJECTED_MARK = "# Parameters of the published run"
@@ -69,7 +71,7 @@ def tidy_text(text: str, *, ledger: str | None = None) -> str:
                 j += 1
             i = j + 1 if j < len(lines) and j <= i + 3 else i + 1
             continue
-        if _DEBRIS_LINE.match(line):
+        if _DEBRIS_LINE.match(line) or _LOG_IN_BAR.match(line):
             i += 1
             continue
         if ledger and line.startswith("ledger: "):
