@@ -27,6 +27,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("REPRO_OFFLINE", "1")
 
 
+def import_interpreted(name: str):
+    """Import module ``name`` with TRITON_INTERPRET=1 (its kernels run in Triton's CPU interpreter), leaving the
+    variable as it was for everything imported after it."""
+    import importlib
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(name)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
 @pytest.fixture
 def course(tmp_path: Path) -> Path:
     """A throwaway course root with the self-test chapter, as a git repository."""

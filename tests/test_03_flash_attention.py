@@ -8,26 +8,19 @@ autouse fixture, around each test, so that other tests in this pytest process se
 from __future__ import annotations
 
 import math
-import os
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTER = ROOT / "chapters" / "03_flash_attention"
 sys.path.insert(0, str(CHAPTER))
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-import flash_kernels as fk  # noqa: E402
-
-if _before is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _before
+fk = import_interpreted("flash_kernels")
 
 from repro_utils.claims import load_chapter  # noqa: E402
 from repro_utils.profiles import ParameterError, resolve  # noqa: E402

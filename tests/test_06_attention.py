@@ -9,19 +9,12 @@ import and, by an autouse fixture, around each test, as tests/test_03_flash_atte
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import import_interpreted
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-from tinyserve import attention as A  # noqa: E402
-
-if _before is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _before
+A = import_interpreted("tinyserve.attention")
 
 HEAD_DIM = 32
 # fp32: the kernels sum exp2 of fp32 scores in another order than SDPA (online softmax over 16-key tiles vs

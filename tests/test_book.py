@@ -88,8 +88,7 @@ def test_outputs_hold_no_known_debris_and_tidying_changes_nothing(ch):
     nb = _nb(ch)
     assert notebooks.debris(nb) == [], f"{ch.notebook.name}: debris in outputs: python -m repro_utils.notebooks"
     again = copy.deepcopy(nb)
-    runs = ledger.published(ROOT, ch.id)
-    shown = max(runs, key=lambda r: r[1]["fingerprint"]["started"])[0].relative_to(ROOT)  # the run it shows
+    shown = ledger.latest(ROOT, ch.id)[0].relative_to(ROOT)  # the run it shows
     notebooks.tidy(again, root=ROOT, chapter=ch.id, minutes=ch.minutes, ledger=str(shown))
     assert again == nb, f"{ch.notebook.name}: not tidy: python -m repro_utils.notebooks"
 

@@ -158,6 +158,23 @@ def label(rung: str, scale: str | None) -> str:
     return rung
 
 
+def table_measured(entry: dict[str, Any], unit: str = "", missing: str = "not measured") -> str:
+    """A ledger entry's measurement as a table cell: the mean and its interval, or the exact value."""
+    m, iv = entry["measured"], entry.get("interval")
+    if m is None or m.get("why_untested"):
+        return missing
+    if iv and iv["method"] != "exact":
+        return f"{_with_unit(iv['mean'], unit)} [{fmt(iv['lo'])}, {fmt(iv['hi'])}]"
+    return _with_unit(m.get("value"), unit)
+
+
+def table_grade(entry: dict[str, Any]) -> str:
+    """A ledger entry's grade as a table cell: the scale-labelled rung, or Unverified with its short why."""
+    if entry["grade"] == UNVERIFIED:
+        return f"Unverified ({unverified_kind(entry['reason'])})"
+    return label(entry["grade"], entry.get("scale"))
+
+
 def unverified_kind(reason: str) -> str:
     """The short why of an Unverified grade, read off its reason (for tables)."""
     for prefix, kind in (("Inconclusive: the interval", "inconclusive"), ("Inconclusive:", "too few replicates"),

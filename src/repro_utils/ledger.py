@@ -104,6 +104,12 @@ def published(root: str | Path, chapter: str, profiles: tuple[str, ...] = ("gpu"
     return out
 
 
+def latest(root: str | Path, chapter: str) -> tuple[Path, dict] | None:
+    """The most recent committed run of a chapter (the one its committed notebook shows), or None."""
+    runs = published(root, chapter)
+    return max(runs, key=lambda r: r[1]["fingerprint"]["started"]) if runs else None
+
+
 @dataclass(frozen=True)
 class Entry:
     claim: Claim | Goal

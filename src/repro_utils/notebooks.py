@@ -232,9 +232,9 @@ def tidy_committed(root: Path) -> list[Path]:
         nb = nbformat.read(ch.notebook, as_version=4)
         from repro_utils import ledger as ledger_
 
-        runs = ledger_.published(root, ch.id)  # the notebook shows the latest published run
-        path = max(runs, key=lambda r: r[1]["fingerprint"]["started"])[0].relative_to(root) if runs else None
-        tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes, ledger=str(path) if path else None)
+        shown = ledger_.latest(root, ch.id)  # the notebook shows the latest published run
+        tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes,
+             ledger=str(shown[0].relative_to(root)) if shown else None)
         nbformat.write(nb, ch.notebook)
         if ch.notebook.read_text() != before:
             changed.append(ch.notebook)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from repro_utils import ledger
+from repro_utils.check import _git
 from repro_utils.claims import Chapter, Claim, Goal, resolve_chapter
 
 FORMAT = "repro-run-record"
@@ -102,15 +103,6 @@ def export_run(root: Path, chapter: str, ledger_path: Path, out: Path) -> Path:
     return out
 
 
-def _git(root: Path, *args: str) -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def validate_record(root: Path, record: dict[str, Any], *, source: str = "<record>") -> tuple[Chapter, dict]:
     """Every check ``import_run`` makes; raises RecordError naming the first failure."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
@@ -190,10 +182,10 @@ def refresh_notebook(root: Path, chapter: str, *, renamed: dict[str, str] | None
     from repro_utils.run import card
 
     ch = resolve_chapter(root, chapter)
-    runs = ledger.published(root, ch.id)
-    if not runs:
+    shown = ledger.latest(root, ch.id)  # the run the notebook shows
+    if shown is None:
         return 0
-    data = max(runs, key=lambda r: r[1]["fingerprint"]["started"])[1]  # the run the notebook shows
+    data = shown[1]
     lines = {c["id"]: f"[{c['id']}] {label(c['grade'], c.get('scale'))}: {c['reason']}" for c in data["claims"]}
     lines |= {g["id"]: f"[goal {g['id']}] {g['grade']}: {g['reason']}" for g in data.get("goals", [])}
     for old, new in (renamed or {}).items():

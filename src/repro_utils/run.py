@@ -32,7 +32,8 @@ from repro_utils.grading import (
     grade,
     grade_goal,
     label,
-    unverified_kind,
+    table_grade,
+    table_measured,
 )
 from repro_utils.profiles import resolve
 
@@ -115,15 +116,15 @@ class Run:
                control: dict[str, Any] | None = None, artifact: str | None = None) -> Grade:
         """Record what was measured for one claim; returns its grade (and prints it).
 
-        ``values`` are the replicates (seeds, repeated timings); fewer than the claim declares raises at
-        once. ``control`` is the claim's declared control, measured in this run ({setting, values}).
+        ``values`` are the replicates (seeds, repeated timings); fewer than the claim declares warns at once
+        and grades Unverified (see ``_check_replicates``). ``control`` is the claim's declared control, measured in this run ({setting, values}).
         ``artifact`` names what was measured where the claim is about a specific artifact."""
         claim = self.chapter.claim(claim_id)
         self._check_replicates(claim, value, values, what="claim")
         if claim.control and control is not None:
             self._check_replicates(claim, control.get("value"), control.get("values"), what="control of claim")
-        m = self._measurement(claim.unit, value, setting, values, seeds, scale, note, details)
-        m = Measurement(**{**m.__dict__, "control": control, "artifact": artifact})
+        m = self._measurement(claim.unit, value, setting, values, seeds, scale, note, details,
+                              control=control, artifact=artifact)
         return self._enter(claim, m)
 
     def goal(self, goal_id: str, value: float | None = None, *, setting: str, values: list[float] | None = None,
@@ -131,11 +132,7 @@ class Run:
         """Record a measurement of one of the chapter's goals (the course's own targets): Met / Not met."""
         goal = self.chapter.goal(goal_id)
         self._check_replicates(goal, value, values, what="goal")
-        m = self._measurement(goal.unit, value, setting, values, seeds, None, note, details)
-        g = grade_goal(goal, m, self.profile)
-        self.goal_entries[goal.id] = ledger.Entry(goal, m, g)
-        print(f"[goal {goal.id}] {g.rung}: {g.reason}")
-        return g
+        return self._enter_goal(goal, self._measurement(goal.unit, value, setting, values, seeds, None, note, details))
 
     def untested(self, claim_id: str, why: str, setting: str = "not run") -> Grade:
         """Record that this run could not test a claim or goal, and why: it grades Unverified."""
@@ -144,12 +141,7 @@ class Run:
         except KeyError:
             spec = self.chapter.goal(claim_id)
         m = Measurement(setting=setting, unit=spec.unit, why_untested=why)
-        if isinstance(spec, Goal):
-            g = grade_goal(spec, m, self.profile)
-            self.goal_entries[spec.id] = ledger.Entry(spec, m, g)
-            print(f"[goal {spec.id}] {g.rung}: {g.reason}")
-            return g
-        return self._enter(spec, m)
+        return self._enter_goal(spec, m) if isinstance(spec, Goal) else self._enter(spec, m)
 
     def _check_replicates(self, spec: Claim | Goal, value, values, *, what: str) -> None:
         """Fewer replicates than declared: a loud warning now, Unverified ("inconclusive") in the grade, and
@@ -163,18 +155,24 @@ class Run:
             self.short.append(msg)
             warnings.warn(msg, ReplicatesWarning, stacklevel=3)
 
-    def _measurement(self, unit, value, setting, values, seeds, scale, note, details) -> Measurement:
+    def _measurement(self, unit, value, setting, values, seeds, scale, note, details, **extra) -> Measurement:
         if scale is None and self.profile in ("gpu", "full") and not reference_gpu():
             scale = "reduced"  # the course's gpu/full settings assume an H100-class GPU; elsewhere, never Reproduced
             note = ((note + " ") if note else "") + "Run on a GPU other than the course's reference (H100/H200)."
         return Measurement(setting=setting, value=value, unit=unit, values=tuple(values or ()),
                            seeds=tuple(int(s) for s in (seeds or ())), scale=scale, note=note,
-                           details=dict(details or {}))
+                           details=dict(details or {}), **extra)
 
     def _enter(self, claim, m: Measurement) -> Grade:
         g = grade(claim, m, self.profile)
         self.entries[claim.id] = ledger.Entry(claim, m, g)
         print(f"[{claim.id}] {g.label}: {g.reason}")
+        return g
+
+    def _enter_goal(self, goal: Goal, m: Measurement) -> Grade:
+        g = grade_goal(goal, m, self.profile)
+        self.goal_entries[goal.id] = ledger.Entry(goal, m, g)
+        print(f"[goal {goal.id}] {g.rung}: {g.reason}")
         return g
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,28 +209,6 @@ class Run:
         return data
 
 
-def _measured_short(entry: dict[str, Any], unit: str) -> str:
-    m, iv = entry["measured"], entry.get("interval")
-    if m is None or m.get("why_untested"):
-        return "not measured"
-    if iv and iv["method"] != "exact":
-        return f"{_with_unit(iv['mean'], unit)} [{_fmt(iv['lo'])}, {_fmt(iv['hi'])}]"
-    return _with_unit(m.get("value"), unit)
-
-
-def _grade_cell(entry: dict[str, Any]) -> str:
-    """The grade as the card's table shows it: Unverified says why in two words (the list below says all)."""
-    if entry["grade"] == "Unverified":
-        return f"Unverified ({unverified_kind(entry['reason'])})"
-    return label(entry["grade"], entry.get("scale"))
-
-
-def _fmt(x):
-    from repro_utils.grading import fmt
-
-    return fmt(x)
-
-
 def card(data: dict[str, Any]) -> str:
     """The claim card, from a ledger: a slim table (claim, claimed, measured with its interval, scale,
     grade), the goals in a table of their own, and the long text (the claim, both settings, the source,
@@ -243,8 +219,8 @@ def card(data: dict[str, Any]) -> str:
     for c in data["claims"]:
         d, m = c["declared"], c["measured"]
         scale = c.get("scale") or "—"
-        rows.append(f"| {c['id']} | {_with_unit(d['claimed']['value'], d['unit'])} | {_measured_short(c, d['unit'])} "
-                    f"| {scale} | **{_grade_cell(c)}** |")
+        rows.append(f"| {c['id']} | {_with_unit(d['claimed']['value'], d['unit'])} | {table_measured(c, d['unit'])} "
+                    f"| {scale} | **{table_grade(c)}** |")
         src = d["source"].get("paper") or (d["source"]["repo"] + (f" `{d['source']['file']}`" if "file" in d["source"] else ""))
         where = f"measured at: {m['setting']}" if m and not m.get("why_untested") else "not measured"
         notes.append(f"- **`{c['id']}`** · {label(c['grade'], c.get('scale'))}. {d['claim']} *Source:* {src}, "
@@ -262,8 +238,8 @@ def card(data: dict[str, Any]) -> str:
                 "| goal | target | measured (95% interval) | result |", "|---|---|---|---|"]
         for g in goals:
             d = g["declared"]
-            out.append(f"| {g['id']} | {describe_test(d['target'], d['unit'])} | {_measured_short(g, d['unit'])} "
-                       f"| **{_grade_cell(g)}** |")
+            out.append(f"| {g['id']} | {describe_test(d['target'], d['unit'])} | {table_measured(g, d['unit'])} "
+                       f"| **{table_grade(g)}** |")
             notes.append(f"- **goal `{g['id']}`** · {g['grade']}. {d['goal']} *Baseline:* {d['baseline']}. {g['reason']}")
     return "\n".join(out) + "\n\n" + "\n".join(notes)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from repro_utils import ledger
 from repro_utils.check import correction_log, explained, stability
 from repro_utils.claims import chapters
-from repro_utils.grading import GOAL_GRADES, RUNGS, UNVERIFIED, fmt, label, unverified_kind
+from repro_utils.grading import GOAL_GRADES, RUNGS, describe_test, table_grade, table_measured
 
 PUBLISHED = ("gpu", "full")
 HEADER = """# Scoreboard
@@ -29,15 +29,6 @@ reproductions.
 
 def _short_device(device: str) -> str:
     return device.replace("NVIDIA ", "")
-
-
-def _measured(entry: dict) -> str:
-    m, iv = entry["measured"], entry.get("interval")
-    if not m or m.get("why_untested"):
-        return "—"
-    if iv and iv["method"] != "exact":
-        return f"{fmt(iv['mean'])} [{fmt(iv['lo'])}, {fmt(iv['hi'])}]"
-    return fmt(m.get("value"))
 
 
 def render(root: str | Path) -> str:
@@ -68,7 +59,7 @@ def render(root: str | Path) -> str:
                     cells.append("not graded")
                     continue
                 tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
-                cells.append(f"{_grade(e)} · {_measured(e)}")
+                cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
             scales = ", ".join(f"{p}: {s}" for p, s in claim.profiles.items() if p != "smoke") or "—"
             body.append(f"| {claim.id} | {claim.unit or '—'} | {scales} | " + " | ".join(cells)
                         + f" | {_stable(stab, ch.id, claim.id, log)} |")
@@ -76,8 +67,6 @@ def render(root: str | Path) -> str:
             body.append("\n**Goals** (the course's own targets)\n")
             body.append("| goal | target | " + " | ".join(heads) + " |")
             body.append("|---|---|" + "---|" * len(cols))
-            from repro_utils.grading import describe_test
-
             for goal in ch.goals:
                 cells = []
                 for p, d in cols:
@@ -86,7 +75,7 @@ def render(root: str | Path) -> str:
                         cells.append("not graded")
                         continue
                     goal_tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
-                    cells.append(f"{_grade(e)} · {_measured(e)}")
+                    cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
                 body.append(f"| {goal.id} | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells) + " |")
     summary = []
     for dev in sorted(set(tallies) | set(goal_tallies)):
@@ -96,12 +85,6 @@ def render(root: str | Path) -> str:
         summary.append(f"- **{dev}:** claims: {claims_part}; goals: {goals_part}.")
     lines.append("\n**In all**, per device and profile:\n\n" + ("\n".join(summary) or "no graded claims yet") + "\n")
     return "\n".join(lines + body).rstrip() + "\n"
-
-
-def _grade(e: dict) -> str:
-    if e["grade"] == UNVERIFIED:
-        return f"Unverified ({unverified_kind(e['reason'])})"
-    return label(e["grade"], e.get("scale"))
 
 
 def _stable(stab: dict, chapter: str, cid: str, log: list[str]) -> str:
