@@ -398,7 +398,7 @@ def test_scaling_worker_refuses_a_batch_that_does_not_split():
 def test_claims_and_parameters_validate():
     ch = load_chapter(FOLDER)
     ids = {c.id for c in ch.claims}
-    assert {"muon-sample-efficiency", "muon-overhead", "ns-range", "ns-uniform", "arch-changes",
+    assert {"muon-token-saving", "muon-overhead", "ns-range", "ns-uniform", "arch-changes",
             "llmc-baseline", "record-time"} <= ids
     p = resolve(ch.parameters, {"profile": "smoke"}, cuda=False)
     assert p["vocab"] < 50304 and p["bench"] == "tiny"

@@ -126,3 +126,25 @@ def test_the_card_is_slim_and_shows_goals_apart(course):
     header = next(ln for ln in text.splitlines() if ln.startswith("| claim"))
     assert header == "| claim | claimed | measured (95% interval) | scale | grade |"
     assert "[0.4998, 0.5002]" in text  # the interval, not the mean alone
+
+
+def test_regrading_twice_with_the_same_moves_keeps_the_goals_measurements(course):
+    """The second regrade no longer holds the moved claim: the goal keeps the measurement it took the first time."""
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text() + """goals:
+  - id: gpu-goal
+    goal: The self-test's GPU number stays at or above 1.5.
+    metric: anything
+    unit: x
+    target: {at_least: 1.5}
+    baseline: "none, a self-test"
+    profiles: [gpu]
+    deterministic: "a number the self-test writes down"
+""")
+    ch = load_chapter(course / "chapters" / "00_selftest")
+    data = json.loads(user_run(course).read_text())
+    once = regrade_data(ch, data, note="moved", commit="abc", date="2026-12-04", moved={"gpu-goal": "needs-gpu"})
+    once["claims"] = [c for c in once["claims"] if c["id"] != "needs-gpu"]  # as when the claim was retired
+    twice = regrade_data(ch, once, note="again", commit="abc", date="2026-12-04", moved={"gpu-goal": "needs-gpu"})
+    assert once["goals"][0]["measured"]["value"] == twice["goals"][0]["measured"]["value"] == 1.8
+    assert twice["goals"][0]["grade"] == "Met"

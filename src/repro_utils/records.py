@@ -65,7 +65,8 @@ def regrade_data(ch: Chapter, data: dict[str, Any], *, note: str, commit: str, d
     out = dict(data)
     out["schema_version"] = ledger.SCHEMA_VERSION
     out["claims"] = [entry(c, old.get(c.id)) for c in ch.claims]
-    out["goals"] = [entry(g, old.get(moved.get(g.id, g.id))) for g in ch.goals]
+    # a goal takes the moved claim's measurement if the run still has it, else its own (moved by an earlier regrade)
+    out["goals"] = [entry(g, old.get(moved.get(g.id)) or old.get(g.id)) for g in ch.goals]
     entry_ = {"date": date or _today(), "commit": commit, "note": note}
     history = [r for r in data.get("regraded", []) if (r["date"], r["note"]) != (entry_["date"], note)]
     out["regraded"] = [*history, entry_]  # regrading twice on one day with one note is one regrade
