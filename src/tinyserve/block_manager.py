@@ -23,6 +23,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.ref_counts = [0] * num_blocks
+        # set by a prefix cache (chapter 07): reclaim(n) evicts up to n cached blocks that no sequence holds
+        self.reclaim = None
 
     @property
     def num_free(self) -> int:
@@ -51,8 +53,12 @@ class BlockManager:
 
     # whole tables
     def can_allocate(self, n_tokens: int, table: list[int] = ()) -> bool:
-        """Can `table` (empty for a new sequence) grow to hold n_tokens?"""
-        return self.blocks_for(n_tokens) - len(table) <= self.num_free
+        """Can `table` (empty for a new sequence) grow to hold n_tokens? With a prefix cache attached, cached blocks
+        nobody holds are evicted first when the free list is short (only then: the cache is free until it is not)."""
+        short = self.blocks_for(n_tokens) - len(table) - self.num_free
+        if short > 0 and self.reclaim is not None:
+            short -= self.reclaim(short)
+        return short <= 0
 
     def allocate(self, table: list[int], n_tokens: int) -> None:
         """Grow `table` in place until it holds n_tokens (one new block every B tokens when decoding)."""

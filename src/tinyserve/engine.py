@@ -27,14 +27,16 @@ from .workload import Request
 class Engine:
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None, request_level: bool = False,
-                 reserve: str = "paged", backend: str = "auto", cuda_graphs: bool = False, seed: int = 0):
+                 reserve: str = "paged", backend: str = "auto", cuda_graphs: bool = False, seed: int = 0,
+                 prefix_cache: str | None = None, cache_aware: bool = False):
         cfg = model.cfg
         self.model, self.device, self.dtype = model, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
         self.block_size = block_size
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         self.num_blocks = num_blocks  # physical blocks in the cache (one more, the scratch block, is never handed out)
         self.policy = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           request_level=request_level, reserve=reserve)
+                           request_level=request_level, reserve=reserve, prefix_cache=prefix_cache,
+                           cache_aware=cache_aware)
         self.reset()
         # one extra block, never handed out: padded rows of a graphed batch write and read there
         self.scratch_block = num_blocks
@@ -81,19 +83,22 @@ class Engine:
         """Packed inputs of one step: (input_ids (T,), positions (T,), AttnMeta, last_index (B,))."""
         seqs, bs = batch.seqs, self.block_size
         ctx = [len(s.tokens) for s in seqs]
-        if batch.is_prefill:  # every token of the sequence (a preempted one recomputes its output too)
-            ids, slots = [], []
-            for s in seqs:
-                ids += s.tokens
-                for b in s.block_table[: -(-len(s.tokens) // bs)]:
-                    slots += range(b * bs, b * bs + bs)
-                del slots[len(ids):]  # the last block's unused tail
-            positions = [p for n in ctx for p in range(n)]
+        if batch.is_prefill:  # every token not in the prefix cache (a preempted one recomputes its output too)
+            ids, slots, positions, q_lens = [], [], [], []
+            for s, n in zip(seqs, ctx):
+                m = s.num_cached  # positions 0 .. m-1 are cached: the new tokens are m .. n-1
+                ids += s.tokens[m:]
+                positions += range(m, n)
+                for j in range(m // bs, -(-n // bs)):  # block by block: a Python call per token costs ms at 8K
+                    lo, hi = max(m, j * bs) - j * bs, min(n, j * bs + bs) - j * bs
+                    slots += range(s.block_table[j] * bs + lo, s.block_table[j] * bs + hi)
+                q_lens.append(n - m)
             cu = [0]
-            for n in ctx:
-                cu.append(cu[-1] + n)
+            for q in q_lens:
+                cu.append(cu[-1] + q)
             meta = AttnMeta(True, self._tensor(slots, torch.int64), self._tensor(ctx, torch.int32),
-                            self._block_tables(seqs), self._tensor(cu, torch.int32), max(ctx), ctx, ctx, self.backend)
+                            self._block_tables(seqs), self._tensor(cu, torch.int32), max(q_lens), ctx, q_lens,
+                            self.backend)
             last = [c - 1 for c in cu[1:]]
         else:  # one token per sequence: the last sampled one, at position len - 1
             ids = [s.tokens[-1] for s in seqs]
@@ -103,6 +108,14 @@ class Engine:
                             self._block_tables(seqs), None, 1, ctx, None, self.backend)
             last = list(range(len(seqs)))
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta, last
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Block dst := block src in every layer's K and V cache."""
+        src = self._tensor([a for a, _ in copies], torch.int64)
+        dst = self._tensor([b for _, b in copies], torch.int64)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
 
     # ------------------------------------------------------------------ model and sampling
     def forward(self, ids, positions, meta):
@@ -133,6 +146,8 @@ class Engine:
         if batch is None:
             return []
         ids, positions, meta, last = self.prepare(batch)
+        if batch.copies:  # copy-on-write of partially matched blocks (radix cache), before anything writes there
+            self.copy_blocks(batch.copies)
         t_host = time.perf_counter() - t0  # scheduling + input preparation: the GPU waits for it
         hidden = self.forward(ids, positions, meta)
         tokens = self.sample(self.model.logits(hidden[last]), batch.seqs)  # .tolist() waits for the GPU
