@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,3 +45,41 @@ def test_no_data_and_no_network_says_what_to_do(monkeypatch):
 def test_bad_split_is_refused():
     with pytest.raises(ValueError, match="split"):
         next(data.texts("test"))
+
+
+@needs_data
+def test_corpus_xl_val_has_every_source_and_per_token_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path))
+    val = data.tokens("val", corpus="corpus-xl")
+    names, src = data.token_sources("val", corpus="corpus-xl")
+    assert 1_500_000 < len(val) < 1_650_000  # the README: 1.58 M tokens
+    assert len(src) == len(val) and src.dtype.name == "uint8"
+    assert sorted(names) == sorted(["wiki", "sotu", "brown", "gutenberg", "austen", "linux-doc", "python-doc",
+                                    "gcide", "wordnet", "foldoc"])
+    eot = data.gpt2_encoding().eot_token
+    ends = np.flatnonzero(np.asarray(val) == eot)
+    # a document's tokens all carry one source, and the source can change only after an <|endoftext|>
+    changes = np.flatnonzero(np.diff(np.asarray(src).astype(int))) + 1
+    assert set(changes) <= set(ends + 1)
+    first = data.texts("val", corpus="corpus-xl", max_docs=1)
+    doc = next(first)
+    assert list(val[: len(data.gpt2_encoding().encode_ordinary(doc))]) == data.gpt2_encoding().encode_ordinary(doc)
+
+
+def test_sample_windows_cover_the_split_without_overlap():
+    starts = data.sample_windows(1_000_001, 64, 255, seed=3)
+    assert len(starts) == 64 and (np.diff(starts) >= 256).all() and starts[-1] + 256 <= 1_000_001
+    assert (starts == data.sample_windows(1_000_001, 64, 255, seed=3)).all()
+    assert not (starts == data.sample_windows(1_000_001, 64, 255, seed=4)).all()
+    # a shuffled sample, not the first windows: it reaches the last tenth of the split
+    assert starts.max() > 900_000
+    with pytest.raises(ValueError, match="windows"):
+        data.sample_windows(1000, 10, 255)
+    toks = np.arange(5000, dtype=np.uint16)
+    x, y = data.windows(toks, [0, 100], 8)
+    assert x.shape == (2, 8) and x[1, 0] == 100 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_unknown_corpus_is_refused():
+    with pytest.raises(ValueError, match="corpus"):
+        next(data.texts("val", corpus="corpus-xxl"))

@@ -2,10 +2,16 @@
 
 Order of preference for text:
 1. ``REPRO_DATA_DIR`` is set: read ``$REPRO_DATA_DIR/corpus/{train,val}.jsonl.gz`` (English prose, one
-   document per line; see running.md for how to build the folder). Offline GPU machines use this.
+   document per line, 4.3 M tokens; see running.md for how to build the folder), or with ``corpus="corpus-xl"``
+   ``$REPRO_DATA_DIR/corpus-xl/{train,val}.jsonl.xz`` (~32 M tokens from ten sources, shuffled). Offline GPU
+   machines use this.
 2. The Hugging Face hub is reachable: stream FineWeb's ``sample-10BT`` through ``datasets``; a document
    goes to ``val`` when the sha1 of its id is divisible by 20 (the same rule as the local corpus).
 3. Neither: ``DataUnavailable``, which says what to download and where to put it.
+
+Every document carries its ``source`` (wiki, sotu, brown, ...; FineWeb's are all "fineweb"), so a chapter can
+report validation loss per source (``token_sources``) and draw a shuffled sample of windows from the whole
+split (``sample_windows``) instead of its first few batches, which follow the order of the file.
 
 GPT-2 tokens come from tiktoken; with ``REPRO_DATA_DIR`` set its BPE files are read from
 ``$REPRO_DATA_DIR/tiktoken`` (``TIKTOKEN_CACHE_DIR``), so no download is needed.
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 SPLITS = ("train", "val")
+CORPORA = {"corpus": "gz", "corpus-xl": "xz"}  # local folders under REPRO_DATA_DIR and their compression
 FINEWEB = ("HuggingFaceFW/fineweb", "sample-10BT")
 
 
@@ -71,30 +78,45 @@ def _is_val(doc_id: str) -> bool:
     return int(hashlib.sha1(str(doc_id).encode()).hexdigest(), 16) % 20 == 0
 
 
-def texts(split: str, *, max_docs: int | None = None):
-    """An iterable of documents (str) of ``split`` ('train' or 'val') from the chosen source."""
+def _local_file(corpus: str, split: str) -> Path:
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, not {corpus!r}")
+    f = local_dir() / corpus / f"{split}.jsonl.{CORPORA[corpus]}"
+    if not f.is_file():
+        raise DataUnavailable(f"REPRO_DATA_DIR={local_dir()} has no {f.relative_to(local_dir())}")
+    return f
+
+
+def documents(split: str, *, corpus: str = "corpus", max_docs: int | None = None):
+    """An iterable of (source, text) of ``split`` ('train' or 'val') from the chosen source. ``corpus`` picks the
+    local folder (the online path streams FineWeb whichever is named)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {sorted(CORPORA)}, not {corpus!r}")
     import datasets
 
     if source() == "local":
-        corpus = local_dir() / "corpus"
-        f = corpus / f"{split}.jsonl.gz"
-        if not f.is_file():
-            raise DataUnavailable(f"REPRO_DATA_DIR={local_dir()} has no {f.relative_to(local_dir())}")
+        f = _local_file(corpus, split)
         ds = datasets.load_dataset("json", data_files={split: str(f)}, split=split)
         n = len(ds) if max_docs is None else min(max_docs, len(ds))
         for row in ds.select(range(n)):
-            yield row["text"]
+            yield row["source"], row["text"]
         return
     ds = datasets.load_dataset(*FINEWEB, split="train", streaming=True)
     taken = 0
     for row in ds:
         if _is_val(row["id"]) == (split == "val"):
-            yield row["text"]
+            yield "fineweb", row["text"]
             taken += 1
             if max_docs is not None and taken >= max_docs:
                 return
+
+
+def texts(split: str, *, corpus: str = "corpus", max_docs: int | None = None):
+    """An iterable of documents (str) of ``split`` ('train' or 'val') from the chosen source."""
+    for _, text in documents(split, corpus=corpus, max_docs=max_docs):
+        yield text
 
 
 def cache_dir() -> Path:
@@ -103,38 +125,82 @@ def cache_dir() -> Path:
     return d
 
 
-def tokens(split: str, *, max_tokens: int | None = None) -> np.ndarray:
-    """GPT-2 tokens of ``split``, documents joined by <|endoftext|>, as uint16; cached on disk.
-
-    The online path stops after ``max_tokens`` (FineWeb is billions of tokens); the local corpus
-    is small (4.3 M train, 151 k val tokens) and is returned whole when ``max_tokens`` is None.
-    """
+def _cache_key(split: str, corpus: str, max_tokens: int | None) -> str:
     src = source()
     if src == "fineweb" and max_tokens is None:
         raise ValueError("max_tokens is required for the FineWeb stream")
     key = f"{src}-{split}-{max_tokens or 'all'}"
     if src == "local":
-        f = local_dir() / "corpus" / f"{split}.jsonl.gz"
-        key += f"-{f.stat().st_size}"
-    path = cache_dir() / f"gpt2-{key}.npy"
-    if path.is_file():
-        return np.load(path, mmap_mode="r")
+        key += f"-{corpus}-{_local_file(corpus, split).stat().st_size}"
+    return key
+
+
+def _encode(split: str, corpus: str, max_tokens: int | None) -> tuple[Path, Path, Path]:
+    """Tokenize once and cache: tokens (uint16), each token's source index (uint8), the source names."""
+    stem = cache_dir() / f"gpt2-{_cache_key(split, corpus, max_tokens)}"
+    paths = stem.with_suffix(".npy"), stem.with_name(stem.name + "-src.npy"), stem.with_name(stem.name + "-src.txt")
+    if all(p.is_file() for p in paths):
+        return paths
     enc = gpt2_encoding()
     eot = enc.eot_token
-    out: list[np.ndarray] = []
+    names: list[str] = []
+    toks: list[np.ndarray] = []
+    srcs: list[np.ndarray] = []
     n = 0
-    for doc in texts(split):
-        ids = enc.encode_ordinary(doc)
-        ids.append(eot)
-        out.append(np.asarray(ids, dtype=np.uint16))
-        n += len(ids)
-        if max_tokens is not None and n >= max_tokens:
+    docs = iter(documents(split, corpus=corpus))
+    while max_tokens is None or n < max_tokens:
+        chunk = [d for _, d in zip(range(256), docs)]
+        if not chunk:
             break
-    arr = np.concatenate(out)[:max_tokens] if out else np.zeros(0, np.uint16)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
-    return arr
+        for (name, _), ids in zip(chunk, enc.encode_ordinary_batch([t for _, t in chunk], num_threads=8)):
+            if name not in names:
+                names.append(name)
+            ids.append(eot)
+            toks.append(np.asarray(ids, dtype=np.uint16))
+            srcs.append(np.full(len(ids), names.index(name), dtype=np.uint8))
+            n += len(ids)
+    arr = np.concatenate(toks)[:max_tokens] if toks else np.zeros(0, np.uint16)
+    src = np.concatenate(srcs)[:max_tokens] if srcs else np.zeros(0, np.uint8)
+    for path, value in zip(paths[:2], (arr, src)):
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npy")
+        np.save(tmp, value)
+        tmp.replace(path)
+    paths[2].write_text("\n".join(names) + "\n")
+    return paths
+
+
+def tokens(split: str, *, corpus: str = "corpus", max_tokens: int | None = None) -> np.ndarray:
+    """GPT-2 tokens of ``split``, documents joined by <|endoftext|>, as uint16; cached on disk.
+
+    The online path stops after ``max_tokens`` (FineWeb is billions of tokens); a local corpus is returned
+    whole when ``max_tokens`` is None (corpus: 4.3 M train, 151 k val tokens; corpus-xl: 30.6 M and 1.58 M).
+    """
+    return np.load(_encode(split, corpus, max_tokens)[0], mmap_mode="r")
+
+
+def token_sources(split: str, *, corpus: str = "corpus", max_tokens: int | None = None) -> tuple[list[str], np.ndarray]:
+    """(names, index): ``names[index[i]]`` is the source of the document that token i of ``tokens(...)`` is in."""
+    _, src, names = _encode(split, corpus, max_tokens)
+    return names.read_text().split(), np.load(src, mmap_mode="r")
+
+
+def sample_windows(n_tokens: int, n: int, seq_len: int, *, seed: int = 0) -> np.ndarray:
+    """Start offsets of ``n`` non-overlapping windows of seq_len + 1 tokens, drawn uniformly (seeded) from the
+    whole of a split of n_tokens: a shuffled evaluation sample, not the file's first documents. Sorted."""
+    slots = (n_tokens - 1) // (seq_len + 1)
+    if n > slots:
+        raise ValueError(f"{n_tokens} tokens hold only {slots} windows of {seq_len + 1}, not {n}")
+    picked = np.random.default_rng(seed).choice(slots, size=n, replace=False)
+    return np.sort(picked) * (seq_len + 1)
+
+
+def windows(tokens: np.ndarray, starts, seq_len: int, *, device="cpu"):
+    """(x, y) int64 tensors of shape (len(starts), seq_len) for the windows at ``starts``; y = x shifted by one."""
+    import torch
+
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(seq_len + 1)[None, :]
+    chunk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
 
 def batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, generator=None, device="cpu"):
