@@ -187,6 +187,7 @@ def test_hit_counts_by_hand(aware):
     assert got["hash"]["cached_tokens"] == 5 * 16 + 24  # turn 2 reuses turn 1's 25-token prompt: 3 full blocks
     assert got["radix"]["cached_tokens"] == 5 * 20 + 25  # ...and all 25 tokens through the tree (then a copy)
     assert got["radix"]["block_copies"] == 6
+    assert got["hash"]["hits"] == got["radix"]["hits"] == 6  # every prefill but the very first reused something
     # everything in one round: FCFS admits all six in one step, before anything is cached; cache-aware
     # scheduling runs the first alone and the other five hit
     one = simulate_rounds([first], 64, 8, prefix_cache="radix", cache_aware=aware).cache_stats

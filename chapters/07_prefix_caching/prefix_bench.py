@@ -212,7 +212,8 @@ def pressure(eng, s, reps, vocab, seed) -> dict:
         out["rotating"]["ample"][kind] = serve_rounds(eng, turns, **POLICIES[kind])
         out["rotating"]["tight"][kind] = serve_rounds(eng, turns, num_blocks=tight, **POLICIES[kind])
     out["rotating"]["tight"]["off"] = serve_rounds(eng, turns, num_blocks=tight, **POLICIES["off"])
-    out["agent"]["interleaved"] = interleaved(eng, agent, reps, ["off", "hash", "radix"], num_blocks=agent_blocks)
+    # one pass per arm: these figures describe eviction (hit rates, evicted blocks); no claim or goal times them
+    out["agent"]["interleaved"] = interleaved(eng, agent, 1, ["off", "hash", "radix"], num_blocks=agent_blocks)
     eng.reset(num_blocks=eng.num_blocks, **POLICIES["off"])
     return out
 

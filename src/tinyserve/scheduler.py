@@ -101,7 +101,7 @@ class Scheduler:
         self.cache = {None: lambda bm: None, "hash": HashPrefixCache, "radix": RadixCache}[prefix_cache](block_manager)
         self.cache_aware = cache_aware
         # every prefill, recomputations included: tokens in it, and tokens whose K/V came from the cache
-        self.cache_stats = {"prefill_tokens": 0, "cached_tokens": 0, "prefills": 0, "block_copies": 0}
+        self.cache_stats = {"prefill_tokens": 0, "cached_tokens": 0, "prefills": 0, "hits": 0, "block_copies": 0}
 
     def add(self, seq: Sequence) -> None:
         if self.max_model_len and seq.final_len > self.max_model_len:
@@ -178,6 +178,7 @@ class Scheduler:
             self.cache_stats["prefill_tokens"] += len(seq.tokens)
             self.cache_stats["cached_tokens"] += m
             self.cache_stats["prefills"] += 1
+            self.cache_stats["hits"] += m > 0  # prefills that reused at least one token
         self.cache_stats["block_copies"] += len(copies)
         admitted = {id(s) for s in batch}
         self.waiting = deque(s for s in self.waiting if id(s) not in admitted)
