@@ -478,3 +478,18 @@ def test_the_dense_vs_moe_claims_need_their_control_before_a_negative():
     assert grade(claim, powered, "gpu").rung == NOT_REPRODUCED
     for cid in ("moe-gain-grows-tuned", "aux-free-frontier", "bf16-router-stress"):
         assert load_chapter(FOLDER).claim(cid).control
+
+
+def test_init_scale_is_switchs_truncated_normal_on_every_matrix_but_the_embeddings():
+    cfg = moe.GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, d_model=64, ffn="moe", n_experts=4,
+                        d_expert=256, init_scale=1.0)
+    torch.manual_seed(0)
+    m = moe.GPT(cfg)
+    layer = m.moe_layers()[0]
+    for w, fan_in in ((layer.w1, 64), (layer.w2, 256), (layer.router, 64), (m.blocks[0].attn.qkv.weight, 64)):
+        std = (1.0 / fan_in) ** 0.5
+        w = w.detach()
+        assert w.abs().max() <= 2 * std + 1e-6  # resampled beyond 2 std
+        # a normal truncated at 2 std has std 0.880 of the untruncated one; 5% covers sampling at these sizes
+        assert abs(float(w.std()) / (0.880 * std) - 1) < 0.05
+    assert abs(float(m.wte.weight.detach().std()) - 0.02) < 0.002  # embeddings keep GPT-2's init

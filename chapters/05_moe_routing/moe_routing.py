@@ -520,6 +520,8 @@ class GPTConfig:
     bias_rate: float = 1e-3  # u of Wang et al. Algorithm 1
     router_dtype: str = "fp32"  # "fp32" (Switch's selective precision) | "bf16" (logits and softmax_lowp)
     router_init: float = 0.02  # std of W_r; ≈ Switch's scale s = 0.1 at d = 256 (std sqrt(s / d)); s = 1.0 is 0.0625
+    init_scale: float | None = None  # Switch §2.4: every weight matrix but the embeddings from a truncated normal
+    #                                  of std sqrt(s / fan_in), resampled beyond 2 std; None: GPT-2's std 0.02
     capacity_factor: float | None = None  # None: dropless
     dispatch: str = "grouped"  # "grouped" | "loop"
 
@@ -631,6 +633,11 @@ class GPT(nn.Module):
         nn.init.normal_(self.wpe.weight, std=0.01)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.init_scale is not None:  # Switch §2.4 ("Smaller parameter initialization for stability")
+            for name, p in self.named_parameters():
+                if p.dim() >= 2 and not name.startswith(("wte", "wpe")):
+                    std = math.sqrt(cfg.init_scale / p.shape[1])  # fan_in: (out, in) Linear, (E, in, out) experts, (E, d) router
+                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
