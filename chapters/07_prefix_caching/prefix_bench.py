@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD/src python3 chapters/07_prefix_caching/prefix_bench.py --dry-run --out /tmp/ch07_dry.json  # CPU
 
 Parts, in order (each writes the JSON again when it ends, so a run cut short keeps what it measured):
+  floors      the GPU's copy bandwidth and bf16 matmul rate, measured here: the physical floor under a prefill
   hit_rates   every workload through the scheduler without a model (exact: hits depend on token ids, lengths
               and policy only): hashed blocks vs radix tree, FCFS vs cache-aware, against the optimal (union trie);
               with the engine's whole pool and at the vLLM paper's 15.7K KV slots
@@ -72,12 +73,34 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 pressure_prompts=dict(prompts=4, system_len=48, per_prompt=3, suffix=(8, 12), new_tokens=3),
                 few_shot=dict(n=8, query=(5, 9), new_tokens=3), few_shot_slots=1024),
 }
-PARTS = ["hit_rates", "ttft", "agent", "control", "few_shot", "pressure"]
+PARTS = ["floors", "hit_rates", "ttft", "agent", "control", "few_shot", "pressure"]
 
 
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def floors(dev, reps: int, nbytes: int = 4 * 2**30, n: int = 8192) -> dict:
+    """What the hardware allows, timed in this run: bytes per second of a large device-to-device copy (read +
+    write) and bf16 FLOP/s of an n x n x n matmul, ``reps`` medians each. A prefill of t tokens can take no less
+    than max(weight bytes / bandwidth, 2 x weights x t / matmul rate)."""
+    if dev.type != "cuda":
+        return {"skipped": "the floors are measured on a GPU only"}
+    from triton.testing import do_bench
+
+    def measure(src, dst, a, b):
+        out = {"copy_bytes": 2 * nbytes, "matmul_n": n, "copy_bytes_per_s": [], "matmul_flop_per_s": []}
+        for _ in range(reps):
+            out["copy_bytes_per_s"].append(2 * nbytes / (do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3))
+            out["matmul_flop_per_s"].append(2 * n**3 / (do_bench(lambda: a @ b, return_mode="median") / 1e3))
+        return out
+
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    out = measure(x, torch.empty_like(x), *(torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2)))
+    del x
+    torch.cuda.empty_cache()  # give the buffers back before the engine's runs
+    return out
 
 
 def rounds_of(w: wl.Workload):
@@ -261,6 +284,13 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
     eng = Engine(model, num_blocks=num_blocks, block_size=BLOCK, max_num_seqs=256, max_model_len=s["max_model_len"],
                  cuda_graphs=dev.type == "cuda", backend="triton" if dev.type == "cuda" else "torch")
     res["model"] = {"params": sum(p.numel() for p in model.parameters()), "dtype": "bf16",
+                    # what every prefill reads once (all weights but the embedding table, of which it gathers rows)
+                    "weight_bytes": sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                        if not n.startswith("embed_tokens")),
+                    "lm_head_params": model.lm_head.weight.numel(), "layers": cfg.num_hidden_layers,
+                    "hidden": cfg.hidden_size,
+                    "layer_params": sum(p.numel() for n, p in model.named_parameters()
+                                        if not n.startswith(("embed_tokens", "lm_head"))),
                     "weights": "random N(0, 0.02), seeded", "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype)}
     res["engine"] = {"num_blocks": num_blocks, "slots": num_blocks * BLOCK, "block_size": BLOCK, "backend": eng.backend,
                      "max_num_batched_tokens": eng.policy["max_num_batched_tokens"]}
@@ -285,6 +315,7 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
         bar.update(1)
 
     loads = wl.all_workloads(s["scale"], vocab=vocab, seed=seed)
+    part("floors", lambda: floors(dev, reps))
     part("hit_rates", lambda: {"ample": hit_rates(loads, num_blocks, s["max_model_len"]),  # the engine's whole pool
                                # where eviction can bite: vLLM's 13B/A100-40GB slot count (gpu), a small pool (dry)
                                "paper_slots": hit_rates(loads, s["few_shot_slots"] // BLOCK, s["max_model_len"]),
