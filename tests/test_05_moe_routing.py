@@ -493,3 +493,23 @@ def test_init_scale_is_switchs_truncated_normal_on_every_matrix_but_the_embeddin
         # a normal truncated at 2 std has std 0.880 of the untruncated one; 5% covers sampling at these sizes
         assert abs(float(w.std()) / (0.880 * std) - 1) < 0.05
     assert abs(float(m.wte.weight.detach().std()) - 0.02) < 0.002  # embeddings keep GPT-2's init
+
+
+def test_bench_layer_records_the_goals_replicates_from_alternating_timings():
+    """The goals declare 5 replicates: bench_layer returns one ratio per pair of timings (baseline first, then the
+    grouped layer), through the timer it was given. A fake timer that counts calls makes the pairing visible."""
+    from repro_utils.bench import Timing
+
+    calls = []
+
+    def fake_time_fn(fn, graph=False, **kw):
+        calls.append(graph)
+        return Timing(ms=float(len(calls)), method="fake")  # the n-th timing takes n ms
+
+    out = moe.bench_layer(64, 16, 32, 4, 2, torch.device("cpu"), fake_time_fn, seed=0, replicates=3)
+    r = out["ratios"]
+    assert len(r["grouped_vs_dense_fwdbwd"]) == len(r["grouped_vs_loop_fwdbwd"]) == 3 and r["dense_graphed"] is False
+    n0 = len(calls) - 12  # the 12 timings of the two ratio loops come last: (b, c) pairs, dense then loop
+    assert r["grouped_vs_dense_fwdbwd"] == [(n0 + 1) / (n0 + 2), (n0 + 3) / (n0 + 4), (n0 + 5) / (n0 + 6)]
+    assert r["grouped_vs_loop_fwdbwd"] == [(n0 + 7) / (n0 + 8), (n0 + 9) / (n0 + 10), (n0 + 11) / (n0 + 12)]
+    assert not any(calls)  # no CUDA graphs on the CPU

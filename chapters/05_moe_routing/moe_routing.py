@@ -1044,7 +1044,7 @@ def moe_ffn(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w2: torch.T
 
 
 def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
-                time_fn, seed: int = 0) -> dict:
+                time_fn, seed: int = 0, replicates: int = 5) -> dict:
     """Time one FFN layer, forward and forward+backward, bf16 on the GPU (fp32 on the CPU):
     the grouped MoE layer and the loop MoE layer (both with their fp32 router), and a dense FFN of
     width k·d_expert (the same active parameters). Also the experts alone (no router) under balanced and
@@ -1052,7 +1052,10 @@ def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_
     On the GPU, grouped and dense forward + backward are also timed as CUDA-graph replays (``grouped_fwdbwd_graph``,
     ``dense_fwdbwd_graph``): the GPU's own time, which grouped-vs-dense grades. Eagerly, the grouped layer's
     many small kernels wait on the host's launch path at this size while the dense FFN's few large ones do not;
-    the loop syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times."""
+    the loop syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times.
+    ``ratios`` holds the goals' replicates: ``replicates`` speed-ups of the grouped layer's forward + backward
+    over the dense FFN (graphed on the GPU, eager on the CPU) and over the loop (eager), each from its own
+    pair of timings, the two layers alternating (``repro_utils.bench.ratios``)."""
     t = _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed)
     x, router, w1, w2, dy = t["x"], t["router"], t["w1"], t["w2"], t["dy"]
 
@@ -1090,7 +1093,15 @@ def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_
                 timings[f"{name}_fwdbwd_graph"] = time_fn(fwd_bwd(f, params), graph=True).ms
             except RuntimeError as e:  # a host sync or a data-dependent shape: recorded, and the claim says so
                 graph_errors[name] = str(e).strip().splitlines()[0][:300]
-    return {"ms": timings, "graph_errors": graph_errors,
+    from repro_utils.bench import ratios
+
+    graphed = torch.device(device).type == "cuda" and not graph_errors
+    reps = {"grouped_vs_dense_fwdbwd": ratios(fwd_bwd(dense, dense_params), fwd_bwd(grouped, moe_params),
+                                              replicates=replicates, graph=graphed, timer=time_fn),
+            "grouped_vs_loop_fwdbwd": ratios(fwd_bwd(loop, moe_params), fwd_bwd(grouped, moe_params),
+                                             replicates=replicates, timer=time_fn),
+            "dense_graphed": graphed}
+    return {"ms": timings, "graph_errors": graph_errors, "ratios": reps,
             "tokens_per_s": {k: n_tokens / (v / 1e3) for k, v in timings.items() if not k.startswith("maxvio")}}
 
 
