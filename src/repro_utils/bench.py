@@ -63,16 +63,18 @@ def ratio(baseline: Timing, candidate: Timing) -> float:
 
 
 def ratios(baseline: Callable[[], object], candidate: Callable[[], object], *, replicates: int = 5,
-           graph: bool = False, **kw) -> list[float]:
+           graph: bool = False, timer: Callable[..., Timing] | None = None, **kw) -> list[float]:
     """Replicates of a speed-up: ``replicates`` ratios baseline/candidate, each from its own pair of timings,
     baseline and candidate alternating so that drift in clocks or host load hits both. These are the
-    ``values`` a speed claim's interval is formed from (one median pair does not make an interval)."""
+    ``values`` a speed claim's interval is formed from (one median pair does not make an interval).
+    ``timer`` replaces ``time_fn`` (a chapter that takes its timer as an argument passes it on)."""
     if replicates < 1:
         raise ValueError(f"replicates must be at least 1, not {replicates}")
+    timer = timer or time_fn
     out = []
     for _ in range(replicates):
-        b = time_fn(baseline, graph=graph, **kw)
-        c = time_fn(candidate, graph=graph, **kw)
+        b = timer(baseline, graph=graph, **kw)
+        c = timer(candidate, graph=graph, **kw)
         out.append(ratio(b, c))
     return out
 
