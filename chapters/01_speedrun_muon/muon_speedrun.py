@@ -265,14 +265,16 @@ def polar(G: torch.Tensor) -> torch.Tensor:
     """The exact polar factor U V^T of G = U S V^T (thin SVD in float32), batched over leading dimensions:
     what Newton-Schulz approximates. Singular values that are exactly zero map to zero, as in NS."""
     U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    keep = (S > S.amax(-1, keepdim=True) * torch.finfo(torch.float32).eps).to(U.dtype)  # rank-deficient G
+    tol = S.amax(-1, keepdim=True) * max(G.shape[-2:]) * torch.finfo(torch.float32).eps  # numpy's matrix_rank rule
+    keep = (S > tol).to(U.dtype)  # a rank-deficient G: its null directions stay zero
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
 def scalar_map_range(iterations: int = 200, steps_tail: int = 2, grid: int = 20001, lo: float = 1e-3) -> tuple[float, float]:
     """Where the quintic's scalar map p(x) = a x + b x^3 + c x^5 settles "upon repeated application" (README):
     the smallest and largest value over the last ``steps_tail`` iterates of every start in [lo, 1], float64.
-    The map has no fixed point near 1; it ends on a 2-cycle, so the range is that of the cycle."""
+    The map has no stable fixed point near 1: it ends on a 4-cycle (0.682 -> 1.134 -> 0.753 -> 1.047 -> 0.682),
+    so the range is that of the cycle."""
     a, b, c = NS_COEFFS
     x = np.linspace(lo, 1.0, grid)
     tail = []
@@ -823,12 +825,13 @@ def budget_to_target(budgets: list[float], finals: list[float], target: float) -
 
 
 def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimizers=("adamw", "muon"),
-               compile: bool = True, timer=None) -> dict:
+               compile: bool = True, timer=None, reps: int = 1) -> dict:
     """Time one training step of ``cfg`` at ``accum`` micro-batches of ``micro_batch`` sequences.
 
     A step is accum x (forward + backward) then each optimizer's step; both are timed apart with the
     same timer (``repro_utils.bench.time_fn``: do_bench on CUDA) so the optimizers share one compiled model.
-    Returns ms per micro-batch, ms per optimizer step, ms per step, tokens/s and model TFLOP/s.
+    Returns ms per micro-batch, ms per optimizer step, ms per step, tokens/s and model TFLOP/s (means), and
+    each of ``reps`` repeated timings (``*_reps``: the replicates an interval needs).
     """
     from repro_utils.bench import time_fn
 
@@ -850,7 +853,9 @@ def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimize
     fwd_bwd()  # the first call compiles
     if device.type == "cuda":
         torch.cuda.synchronize()
-    out = dict(compile_s=time.perf_counter() - t0, micro_ms=timer(fwd_bwd).ms, tokens_per_step=accum * micro_batch * cfg.seq_len,
+    micro = [timer(fwd_bwd).ms for _ in range(reps)]
+    out = dict(compile_s=time.perf_counter() - t0, micro_ms=float(np.mean(micro)), micro_ms_reps=micro,
+               tokens_per_step=accum * micro_batch * cfg.seq_len,
                flops_per_token=flops_per_token(model), params=sum(p.numel() for p in model.parameters()))
     for name in optimizers:
         opts = build_optimizers(model, RunConfig(optimizer=name, lr=0.02 if name == "muon" else 0.0018))
@@ -860,7 +865,10 @@ def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimize
                 o.step()
 
         opt_step()  # create the optimizer state outside the timing
-        out[f"opt_ms_{name}"] = timer(opt_step).ms
+        opt = [timer(opt_step).ms for _ in range(reps)]
+        out[f"opt_ms_{name}"], out[f"opt_ms_{name}_reps"] = float(np.mean(opt)), opt
+        out[f"step_ms_{name}_reps"] = [accum * m + o for m, o in zip(micro, opt)]  # rep r: micro-batch r, optimizer r
+        out[f"tokens_per_s_{name}_reps"] = [out["tokens_per_step"] / t * 1e3 for t in out[f"step_ms_{name}_reps"]]
         step_ms = accum * out["micro_ms"] + out[f"opt_ms_{name}"]
         out[f"step_ms_{name}"] = step_ms
         out[f"tokens_per_s_{name}"] = out["tokens_per_step"] / step_ms * 1e3
