@@ -622,6 +622,8 @@ def evaluate(model: nn.Module, val: ValSet, device, batch: int = 64, per_source:
     rank, world = rank_world()
     model.eval()
     k = len(val.names) if per_source else 0
+    if per_source:
+        batch = min(batch, 16)  # fp32 logits of every position: 16 x 1024 x 50304 x 4 bytes = 3.3 GB
     total = torch.zeros(2 + 2 * k, device=device, dtype=torch.float64)  # (loss sum, tokens, per source: sums, counts)
     for i in range(rank * batch, len(val.x), batch * world):
         x, y = val.x[i:i + batch].to(device), val.y[i:i + batch].to(device)
