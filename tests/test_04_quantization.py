@@ -4,6 +4,7 @@ CPU only, seconds. The Triton kernels run in Triton's interpreter (TRITON_INTERP
 set before the kernels are defined; it is restored afterwards so that no other test module sees it.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -292,3 +293,168 @@ def test_decoder_prefill_matches_token_by_token_decode(fmt):
         last = model.decode_step(tokens[0, t:t + 1], torch.tensor([t])).float()
     # bf16 activations summed in different orders: a few bf16 ulps of the logits' scale
     assert (last - full).abs().max() <= 3e-2 * full.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPTQ against the reference implementation: IST-DASLab/gptq, gptq.py (GPTQ.add_batch, fasterquant) and
+# quant.py (Quantizer.find_params, per channel, asymmetric, no MSE search) at commit 9f2abd3, and llama.py's
+# llama_sequential with --true-sequential; transcribed for nn.Linear only, prints and DEBUG left out.
+# ----------------------------------------------------------------------------------------------------
+
+def _ref_quantize(x, scale, zero, maxq):
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def _ref_find_params(x, maxq):
+    """quant.py Quantizer.find_params(x, weight=True) with perchannel=True, sym=False, mse=False."""
+    tmp = torch.zeros(x.shape[0])
+    xmin = torch.minimum(x.min(1)[0], tmp)
+    xmax = torch.maximum(x.max(1)[0], tmp)
+    tmp = (xmin == 0) & (xmax == 0)
+    xmin[tmp] = -1
+    xmax[tmp] = +1
+    scale = (xmax - xmin) / maxq
+    zero = torch.round(-xmin / scale)
+    return scale.reshape(-1, 1), zero.reshape(-1, 1)
+
+
+class _RefGPTQ:
+    def __init__(self, layer):
+        self.layer = layer
+        self.columns = layer.weight.shape[1]
+        self.H = torch.zeros(self.columns, self.columns)
+        self.nsamples = 0
+
+    def add_batch(self, inp):
+        if len(inp.shape) == 2:
+            inp = inp.unsqueeze(0)
+        tmp = inp.shape[0]
+        inp = inp.reshape((-1, inp.shape[-1])).t()
+        self.H *= self.nsamples / (self.nsamples + tmp)
+        self.nsamples += tmp
+        inp = math.sqrt(2 / self.nsamples) * inp.float()
+        self.H += inp.matmul(inp.t())
+
+    def fasterquant(self, bits, blocksize=128, percdamp=.01, groupsize=-1, actorder=False, static_groups=False):
+        maxq = 2**bits - 1
+        W = self.layer.weight.data.clone().float()
+        scale, zero = _ref_find_params(W, maxq)
+        H = self.H
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        if static_groups:
+            groups = [_ref_find_params(W[:, i:(i + groupsize)], maxq) for i in range(0, self.columns, groupsize)]
+        if actorder:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W = W[:, perm]
+            H = H[perm][:, perm]
+            invperm = torch.argsort(perm)
+        Q = torch.zeros_like(W)
+        damp = percdamp * torch.mean(torch.diag(H))
+        diag = torch.arange(self.columns)
+        H[diag, diag] += damp
+        H = torch.linalg.cholesky(H)
+        H = torch.cholesky_inverse(H)
+        Hinv = torch.linalg.cholesky(H, upper=True)
+        for i1 in range(0, self.columns, blocksize):
+            i2 = min(i1 + blocksize, self.columns)
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                if groupsize != -1:
+                    if not static_groups:
+                        if (i1 + i) % groupsize == 0:
+                            scale, zero = _ref_find_params(W[:, (i1 + i):(i1 + i + groupsize)], maxq)
+                    else:
+                        idx = i1 + i
+                        if actorder:
+                            idx = perm[idx]
+                        scale, zero = groups[idx // groupsize]
+                q = _ref_quantize(w.unsqueeze(1), scale, zero, maxq).flatten()
+                Q1[:, i] = q
+                err1 = (w - q) / d
+                W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                Err1[:, i] = err1
+            Q[:, i1:i2] = Q1
+            W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        if actorder:
+            Q = Q[:, invperm]
+        self.layer.weight.data = Q.reshape(self.layer.weight.shape).to(self.layer.weight.data.dtype)
+
+
+def _ref_sequential(model, calib, bits, groupsize, actorder, true_sequential):
+    """llama.py's llama_sequential on this chapter's GPT: one calibration sequence at a time, the groups of
+    ptq.SEQUENTIAL (--true-sequential) or all layers at once, outputs recomputed through the quantized block."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        inps = [model.embed(c[None]) for c in calib]
+        for layer in model.blocks:
+            full = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            sequential = ptq.SEQUENTIAL if true_sequential else [list(full)]
+            for names in sequential:
+                gptq = {n: _RefGPTQ(full[n]) for n in names}
+                handles = [full[n].register_forward_hook(lambda _, inp, out, g=gptq[n]: g.add_batch(inp[0].data))
+                           for n in names]
+                for x in inps:
+                    layer(x)
+                for h in handles:
+                    h.remove()
+                for n in names:
+                    gptq[n].fasterquant(bits, groupsize=groupsize, actorder=actorder, static_groups=actorder)
+            inps = [layer(x) for x in inps]
+    return model
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_gptq_layer_matches_reference_fasterquant(bits, act_order, group_size):
+    X = correlated_inputs(k=384, seed=11)
+    W = torch.randn(48, 384, generator=torch.Generator().manual_seed(12)) * 0.05
+    acc = ptq.HessianAccumulator(384)
+    acc.add(X)
+    ref = _RefGPTQ(torch.nn.Linear(384, 48, bias=False))
+    ref.layer.weight.data = W.clone()
+    ref.add_batch(X)
+    # the reference's act-order takes static groups (--static-groups), as the chapter's gptq does
+    ref.fasterquant(bits, groupsize=group_size, actorder=act_order, static_groups=act_order and group_size != -1)
+    ours = ptq.gptq(W, acc.H, bits, group_size, act_order=act_order).dequantize()
+    # the same operations on the same numbers; the Hessians are accumulated in one and in two products,
+    # so a few float32 ulps of difference may remain, never a different grid point
+    assert torch.allclose(ours, ref.layer.weight.data, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_gptq_model_matches_reference_sequential(true_sequential):
+    torch.manual_seed(0)
+    model = ptq.GPT(ptq.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=128)).eval()
+    calib = torch.randint(0, 64, (32, 32), generator=torch.Generator().manual_seed(13))  # 1024 tokens: H of full rank
+    ours = ptq.gptq_quantize_model(model, calib, 4, -1, act_order=True, true_sequential=true_sequential)
+    ref = _ref_sequential(model, calib, 4, -1, True, true_sequential)
+    for (name, a), (_, b) in zip(ours.quantizable(), ref.quantizable()):
+        # the reference counts H in sequences, the chapter in tokens (a constant factor GPTQ does not see)
+        # and runs the block on one sequence at a time: float32 rounding differs, so a code may flip at a
+        # rounding boundary and the flip is carried into the later columns' updates (measured: 99.84-100%
+        # of weights equal per layer at this seed; the layer-level test above is exact). Demand ≥ 99.5%.
+        same = torch.isclose(a.weight, b.weight, rtol=0, atol=1e-5).float().mean().item()
+        assert same >= 0.995, (name, same)
+
+
+def test_true_sequential_changes_later_layers_only():
+    torch.manual_seed(0)
+    model = ptq.GPT(ptq.GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=128)).eval()
+    calib = torch.randint(0, 64, (6, 32), generator=torch.Generator().manual_seed(14))
+    a = dict(ptq.gptq_quantize_model(model, calib, 3, -1, act_order=True, true_sequential=True).quantizable())
+    b = dict(ptq.gptq_quantize_model(model, calib, 3, -1, act_order=True, true_sequential=False).quantizable())
+    # the first group sees the same inputs either way; every later one sees inputs through quantized layers
+    assert torch.equal(a["0.attn.c_attn"].weight, b["0.attn.c_attn"].weight)
+    for n in ("0.attn.c_proj", "0.mlp.c_fc", "0.mlp.c_proj"):
+        assert not torch.equal(a[n].weight, b[n].weight), n

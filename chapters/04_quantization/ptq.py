@@ -804,26 +804,39 @@ def fp8_simulated(model: GPT) -> GPT:
     return out
 
 
+# The linear layers of a block in the order data reaches them: the IST-DASLab/gptq README's
+# --true-sequential quantizes each group only after the groups before it, from inputs that have passed
+# through them quantized (llama.py: [k, v, q], [o], [up, gate], [down]; here q, k, v are one layer).
+SEQUENTIAL = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: GPT, calib: torch.Tensor, bits: int, group_size: int, *, act_order: bool = False,
-                        damp: float = 0.01, block_size: int = 128, chunk: int = 16):
+                        damp: float = 0.01, block_size: int = 128, chunk: int = 16, true_sequential: bool = True):
     """GPTQ over a whole model, block after block (the paper's §4 "sequential" setting): the calibration
     sequences run through the blocks already quantized, each linear layer's Hessian is collected from
-    the inputs it actually receives, then its weights are replaced by their GPTQ round trip."""
+    the inputs it actually receives, then its weights are replaced by their GPTQ round trip.
+
+    ``true_sequential`` (the README's ``--true-sequential``) goes further inside a block: the layers are
+    quantized group by group in the order of ``SEQUENTIAL``, and each group's Hessians are collected with
+    the groups before it already quantized. Without it, all layers of a block take their Hessians from one
+    pass of the unquantized block (the paper's original setting, opt.py)."""
     qmodel = copy.deepcopy(model).eval()
     x = torch.cat([qmodel.embed(c) for c in calib.split(chunk)])
     for block in qmodel.blocks:
-        layers = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        acc = {n: HessianAccumulator(m.in_features, x.device) for n, m in layers}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in layers]
-        for xs in x.split(chunk):
-            block(xs)
-        for h in hooks:
-            h.remove()
-        for n, m in layers:
-            qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
-            m.weight.copy_(qw.dequantize().to(m.weight.dtype))
-        x = torch.cat([block(xs) for xs in x.split(chunk)])
+        linear = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        for names in (SEQUENTIAL if true_sequential else [list(linear)]):
+            acc = {n: HessianAccumulator(linear[n].in_features, x.device) for n in names}
+            hooks = [linear[n].register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n in names]
+            for xs in x.split(chunk):
+                block(xs)
+            for h in hooks:
+                h.remove()
+            for n in names:
+                m = linear[n]
+                qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
+                m.weight.copy_(qw.dequantize().to(m.weight.dtype))
+        x = torch.cat([block(xs) for xs in x.split(chunk)])  # the next block's inputs, through this one quantized
     return qmodel
 
 
@@ -1059,6 +1072,38 @@ def perplexity(model: GPT, tokens, *, seq_len: int, batch_size: int = 16, max_to
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return math.exp(total / (n * seq_len))
+
+
+@torch.no_grad()
+def token_losses(model: GPT, tokens, starts, *, seq_len: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """Next-token loss (nats) of every predicted token of the windows of seq_len + 1 tokens at ``starts``:
+    shape (len(starts), seq_len), in fp32 arithmetic (no TF32), on the CPU. Perplexity over any subset of
+    windows or tokens (one source, one replicate's share) is exp of the mean of its entries."""
+    from repro_utils.data import windows
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = []
+    try:
+        model.eval()
+        for i in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[i:i + batch_size], seq_len, device=device)
+            logits = model(x).float()
+            out.append(F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+                       .view(y.shape).cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return torch.cat(out)
+
+
+def perplexity_by_source(losses: torch.Tensor, source: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """exp(mean loss) over all tokens, then per source (``source`` holds each loss's source index)."""
+    out = {"all": math.exp(losses.mean().item())}
+    for i, name in enumerate(names):
+        sel = losses[source == i]
+        if sel.numel():
+            out[name] = math.exp(sel.mean().item())
+    return out
 
 
 def layer_output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
