@@ -1009,6 +1009,37 @@ class SpeedLlama:
 # 6. Measurement
 # ----------------------------------------------------------------------------------------------------
 
+class Budget:
+    """The notebook's wall-clock budget (``budget_s``; 0 = none). A stage asks ``fits`` before it starts,
+    with the seconds it expects to take and those that later stages must keep; what does not fit is skipped,
+    named in ``skipped``, and its claims are recorded untested ("time budget"), so that the one GPU call still
+    ends with a ledger."""
+
+    def __init__(self, seconds: float, t0: float | None = None):
+        import time
+
+        self.seconds, self.t0, self.skipped = float(seconds), time.time() if t0 is None else t0, []
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.time() - self.t0
+
+    def left(self) -> float:
+        return float("inf") if not self.seconds else self.seconds - self.elapsed()
+
+    def fits(self, expected_s: float, what: str, *, reserve_s: float = 0.0) -> bool:
+        ok = expected_s + reserve_s <= self.left()
+        if not ok:
+            self.skipped.append(what)
+            print(f"time budget: {what} skipped (expects {expected_s:.0f} s, keeps {reserve_s:.0f} s for later "
+                  f"stages, {self.left():.0f} s of budget_s = {self.seconds:.0f} left)")
+        return ok
+
+    def mark(self, section: str) -> None:
+        print(f"[{self.elapsed():5.0f} s] {section}")
+
+
 def compact_vocab(train: torch.Tensor, size: int):
     """Map GPT-2 tokens to ``size`` ids: the size - 1 most frequent training tokens keep an id of their own,
     every other token shares the last one. The smoke profile uses it so that a CPU can train a model."""
@@ -1221,6 +1252,41 @@ def bench_linears(shapes: dict[str, tuple[int, int]], token_counts: list[int], *
             t["tinygemm"] = timed(tinygemm_linear, x, tg, sz, 128)
         rows.append({"layer": name, "K": K, "N": N, "M": M, **{f"ms_{k}": v for k, v in t.items()}})
     return rows
+
+
+def linear_set(layers: list[tuple[int, int, int]], M: int, methods=("bf16", "int4_kernel"), *, device="cuda",
+               seed: int = 0) -> dict:
+    """For each method, one callable that runs every layer (K, N, count) of ``layers`` ``count`` times at M
+    tokens, on random weights prepared once: a set of layers (the MLP, a block) timed as one unit, so that
+    ``repro_utils.bench.ratios`` gives one speed-up per repeated timing (the replicates of a speed claim)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    per = {m: [] for m in methods}
+    for K, N, count in layers:
+        W = torch.randn(N, K, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(M, K, generator=g, device=device, dtype=torch.bfloat16)
+        qw = rtn(W, 4, 128) if {"int4_kernel", "tinygemm"} & set(methods) else None
+        for m in methods:
+            if m == "bf16":
+                fn = partial(F.linear, x, W)
+            elif m == "fp8":
+                wq, ws = fp8_rowwise(W)
+                fn = partial(fp8_linear, x, wq, ws.t().contiguous())
+            elif m == "int4_kernel":
+                fn = partial(int4_matmul, x, Int4Weight.from_qweight(qw))
+            elif m == "tinygemm":
+                tg, sz = tinygemm_pack(qw)
+                fn = partial(tinygemm_linear, x, tg, sz, 128)
+            else:
+                raise ValueError(f"unknown method {m!r}")
+            per[m] += [fn] * count
+
+    def runner(fns):
+        def run_all():
+            for fn in fns:
+                fn()
+        return run_all
+
+    return {m: runner(fns) for m, fns in per.items()}
 
 
 def time_decode(model: SpeedLlama, steps: int, pos: int = 512) -> float:
