@@ -1256,29 +1256,32 @@ def bench_linears(shapes: dict[str, tuple[int, int]], token_counts: list[int], *
 
 def linear_set(layers: list[tuple[int, int, int]], M: int, methods=("bf16", "int4_kernel"), *, device="cuda",
                seed: int = 0) -> dict:
-    """For each method, one callable that runs every layer (K, N, count) of ``layers`` ``count`` times at M
-    tokens, on random weights prepared once: a set of layers (the MLP, a block) timed as one unit, so that
-    ``repro_utils.bench.ratios`` gives one speed-up per repeated timing (the replicates of a speed claim)."""
+    """For each method, one callable that runs ``count`` layers of each shape (K, N, count) of ``layers`` at M
+    tokens, each layer with weights of its own (prepared once): a set of layers (the MLP, a block) timed as one
+    unit, so that ``repro_utils.bench.ratios`` gives one speed-up per repeated timing (the replicates of a speed
+    claim). Never the same weight twice in one call: a 30 MB INT4 weight read a second time would come from the
+    50 MB L2 cache, which the timer flushes only before each call, and the INT4 figure would flatter itself."""
     g = torch.Generator(device=device).manual_seed(seed)
     per = {m: [] for m in methods}
     for K, N, count in layers:
-        W = torch.randn(N, K, generator=g, device=device, dtype=torch.bfloat16) * 0.02
-        x = torch.randn(M, K, generator=g, device=device, dtype=torch.bfloat16)
-        qw = rtn(W, 4, 128) if {"int4_kernel", "tinygemm"} & set(methods) else None
-        for m in methods:
-            if m == "bf16":
-                fn = partial(F.linear, x, W)
-            elif m == "fp8":
-                wq, ws = fp8_rowwise(W)
-                fn = partial(fp8_linear, x, wq, ws.t().contiguous())
-            elif m == "int4_kernel":
-                fn = partial(int4_matmul, x, Int4Weight.from_qweight(qw))
-            elif m == "tinygemm":
-                tg, sz = tinygemm_pack(qw)
-                fn = partial(tinygemm_linear, x, tg, sz, 128)
-            else:
-                raise ValueError(f"unknown method {m!r}")
-            per[m] += [fn] * count
+        for _ in range(count):
+            W = torch.randn(N, K, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+            x = torch.randn(M, K, generator=g, device=device, dtype=torch.bfloat16)
+            qw = rtn(W, 4, 128) if {"int4_kernel", "tinygemm"} & set(methods) else None
+            for m in methods:
+                if m == "bf16":
+                    fn = partial(F.linear, x, W)
+                elif m == "fp8":
+                    wq, ws = fp8_rowwise(W)
+                    fn = partial(fp8_linear, x, wq, ws.t().contiguous())
+                elif m == "int4_kernel":
+                    fn = partial(int4_matmul, x, Int4Weight.from_qweight(qw))
+                elif m == "tinygemm":
+                    tg, sz = tinygemm_pack(qw)
+                    fn = partial(tinygemm_linear, x, tg, sz, 128)
+                else:
+                    raise ValueError(f"unknown method {m!r}")
+                per[m].append(fn)
 
     def runner(fns):
         def run_all():
