@@ -488,3 +488,68 @@ def test_budget_skips_what_does_not_fit():
     assert ptq.Budget(0).fits(1e9, "anything")  # 0: no budget
     fresh = ptq.Budget(100)
     assert fresh.fits(50, "a", reserve_s=40) and not fresh.fits(50, "b", reserve_s=60)
+
+
+def test_gpu_record_cells_carry_their_replicates(tmp_path, monkeypatch):
+    """A dry run of the notebook's gpu-only recording cells (sections 7 and 8) on the CPU: the published H100
+    sweep stands in for the measurements and the timers are stubbed. A NameError, a wrong key or a claim or
+    goal recorded with fewer replicates than it declares would otherwise first show in a GPU call, where
+    run.finish() refuses the run (ReplicatesError) and the call is wasted."""
+    import copy as copy_mod
+    import json
+    import time as time_mod
+    import types
+    from functools import partial
+
+    import numpy as np
+    import pandas as pd
+
+    from repro_utils import start
+
+    monkeypatch.setenv("REPRO_OUT", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200 (dry run)")
+    nb = json.loads((FOLDER / "04_quantization.ipynb").read_text())
+    ledgers = sorted((ROOT / "results" / "gpu" / "04_quantization").glob("*.json"))
+    if not ledgers:
+        pytest.skip("no published gpu run of chapter 04 to stand in for the measurements")
+    led = json.loads(ledgers[0].read_text())
+    if "bench" not in led.get("extra", {}):
+        pytest.skip("the published run holds no sweep")
+
+    def cell(marker):
+        return next("".join(c["source"]) for c in nb["cells"] if marker in "".join(c["source"]))
+
+    run = start(FOLDER / "claims.yaml", profile="smoke")
+    run.params.update(profile="gpu", bench_m=led["parameters"]["bench_m"], e2e_layers=32)
+    rng = np.random.default_rng(0)
+    stub = types.SimpleNamespace(**{k: getattr(ptq, k) for k in dir(ptq) if not k.startswith("__")})
+    stub.linear_set = lambda layers, M, methods=("bf16",), **kw: {m: (lambda: None) for m in methods}
+    stub.int4_config = lambda M, N, K: "config"
+    stub.SpeedLlama = lambda shape, fmt, **kw: types.SimpleNamespace(fmt=fmt)
+    ms = {"bf16": (6.8, 200.0), "fp8": (5.6, 130.0), "int4": (3.4, 210.0)}
+    stub.time_decode = lambda m, steps, pos=512: ms[m.fmt][0] * (1 + 0.01 * rng.standard_normal())
+    stub.time_prefill = lambda m, b, s, reps=3: ms[m.fmt][1] * (1 + 0.01 * rng.standard_normal())
+    shapes = ptq.block_linear_shapes(ptq.LlamaShape())
+    ceil = led["extra"]["ceilings"]
+    g = dict(run=run, P=run.params, GPU=True, SWEEP=True, ptq=stub, torch=torch, np=np, pd=pd, math=math,
+             partial=partial, display=lambda *a: None, copy=copy_mod, time=time_mod, budget=ptq.Budget(0),
+             bench_ratios=lambda b, c, replicates=5, **kw: list(2.0 + 0.01 * rng.standard_normal(replicates)),
+             SPEED_S={"floor": 15, "tuning": 90, "sweep": 45, "replicates": 20, "e2e": 45},
+             distinct={"q, o": shapes["q"], "k, v": shapes["k"], "gate, up": shapes["up"], "down": shapes["down"]},
+             count={"q, o": 2, "k, v": 2, "gate, up": 2, "down": 1}, bench=pd.DataFrame(led["extra"]["bench"]),
+             floor=led["extra"]["int4_read_floor"], B=ceil["copy_GBps"] * 1e9, R16=ceil["bf16_TFLOPs"] * 1e12,
+             R8=ceil["fp8_TFLOPs"] * 1e12)
+    helpers = cell("def read_bound(M):")
+    exec(helpers[:helpers.index("if SWEEP:\n    Ms")] + "Ms = sorted(bench.M.unique())\nblock, mlp = list(count), "
+         "['gate, up', 'down']\n", g)
+    exec(cell('run.goal(gid, values=ratios(fns["bf16"], fns["int4_kernel"])'), g)
+    exec(cell('run.goal("int4-kernel-e2e-2p5x"'), g)
+    for cid in ("gptq-4bit-rowwise", "gptq-3bit-rowwise", "fp8-quality-xl"):  # the smoke run executes those cells
+        run.untested(cid, "dry run")
+    exec(cell("carries the replicates it declares"), g)
+    data = run.finish(show=False)  # raises ReplicatesError if any record is short
+    got = {e["id"]: len((e["measured"] or {}).get("values") or []) for e in data["claims"] + data["goals"]}
+    assert got == {"gptq-4bit-rowwise": 0, "gptq-3bit-rowwise": 0, "fp8-quality-xl": 0, "fp8-prefill-linears": 5,
+                   "int4-decode-m1": 0, "int4-decode-m16": 0, "int4-e2e-decode": 0, "fp8-e2e-prefill": 5,
+                   "int4-kernel-m1": 5, "int4-kernel-m1-vs-tinygemm": 5, "int4-kernel-m16-marlin": 5,
+                   "int4-kernel-e2e-2p5x": 5}
