@@ -1083,29 +1083,6 @@ def train_gpt(model: GPT, tokens, *, steps: int, batch_size: int, seq_len: int, 
 
 
 @torch.no_grad()
-def perplexity(model: GPT, tokens, *, seq_len: int, batch_size: int = 16, max_tokens: int | None = None,
-               device="cpu") -> float:
-    """exp(mean next-token loss) over non-overlapping windows of ``seq_len`` tokens, in fp32 (no TF32)."""
-    import numpy as np
-
-    arr = np.asarray(tokens[: (max_tokens or len(tokens)) + 1], dtype=np.int64)
-    n = (len(arr) - 1) // seq_len
-    x = torch.from_numpy(arr[: n * seq_len].reshape(n, seq_len))
-    y = torch.from_numpy(arr[1: n * seq_len + 1].reshape(n, seq_len))
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        model.eval()
-        total = 0.0
-        for i in range(0, n, batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            total += model(xb, yb).item() * xb.numel()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return math.exp(total / (n * seq_len))
-
-
-@torch.no_grad()
 def token_losses(model: GPT, tokens, starts, *, seq_len: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
     """Next-token loss (nats) of every predicted token of the windows of seq_len + 1 tokens at ``starts``:
     shape (len(starts), seq_len), in fp32 arithmetic (no TF32), on the CPU. Perplexity over any subset of
