@@ -307,6 +307,30 @@ def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5, m
     return out
 
 
+def orthogonalize_seconds(cfg: "GPTConfig", method: str, device="cpu", reps: int = 3) -> float:
+    """Seconds one Muon step spends in ``orthogonalize`` for ``cfg``'s hidden matrices (random inputs of their shapes
+    and chunks, float32), the median of ``reps`` timed calls after one warm-up call. The budget valve uses it to
+    foresee a run's cost before starting it: on the H200 (2026-12-04) the float32 SVD of the polar arm made a
+    4-layer, 256-wide run take ~200 ms a step against ~20 ms with NS5, which no estimate from NS5 runs foresaw."""
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, not {reps}")
+    with torch.device("meta"):
+        hidden = split_params(GPT(cfg))["hidden"]
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(p.shape, generator=gen).to(device) for p in hidden]
+    chunks = [getattr(p, "ns_chunks", 1) for p in hidden]
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    times = []
+    for i in range(reps + 1):
+        sync()
+        t = time.perf_counter()
+        orthogonalize(mats, chunks, method=method)
+        sync()
+        if i:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def ns_singular_values(kept: list[tuple[torch.Tensor, torch.Tensor]], device="cpu", steps: int = 5) -> dict:
     """Singular values of the matrices Muon orthogonalised at one step (``Muon.kept``), piece by piece as
     ``orthogonalize`` sees them: 'input' (divided by the piece's Frobenius norm) and 'output' (after NS)."""
