@@ -256,6 +256,125 @@ def test_training_lowers_the_loss_with_both_optimizers():
         assert hist.val_loss[-1] < 0.6 * hist.val_loss[0], (opt, hist.val_loss)  # ln 64 = 4.16 -> well below 2.5
 
 
+# ---------------------------------------------------------------- the exact polar factor, the map, memory
+
+
+def test_polar_is_the_exact_polar_factor_and_ns5_is_close_to_it():
+    torch.manual_seed(0)
+    G = torch.randn(3, 24, 72, dtype=torch.float64)  # batched, wide
+    P = ms.polar(G)
+    eye = torch.eye(24, dtype=P.dtype).expand(3, 24, 24)
+    assert torch.allclose(P @ P.mT, eye, atol=1e-5)  # orthonormal rows (float32 SVD: 1e-5)
+    H = G.float() @ P.mT  # G = H P with H = (G G^T)^(1/2): symmetric positive semi-definite
+    assert torch.allclose(H, H.mT, atol=1e-4) and torch.linalg.eigvalsh(H).min() > -1e-4
+    X = ms.newton_schulz(G).float()
+    cos = (X * P).sum((-2, -1)) / (X.norm(dim=(-2, -1)) * P.norm(dim=(-2, -1)))
+    assert (cos > 0.97).all(), cos  # same singular vectors; singular values in ~[0.7, 1.2] instead of 1
+    s = _svdvals(X)
+    assert s.min() > 0.6 and s.max() < 1.22  # a Gaussian 24x72 has no tiny singular values: five steps lift them all
+    R = ms.polar(torch.cat([G[0, :12], G[0, :12]]))  # rank 12 of 24: the null directions map to zero, as in NS
+    assert (_svdvals(R)[:12] > 0.999).all() and (_svdvals(R)[12:] < 1e-5).all()
+
+
+def test_muon_with_the_svd_method_steps_along_the_polar_factor():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(16, 48))
+    W0 = W.detach().clone()
+    W.grad = torch.randn(16, 48)
+    ms.Muon([W], lr=0.1, method="svd").step()
+    # first step: B = G, Nesterov G + 0.95 B = 1.95 G, whose polar factor is polar(G); a wide matrix is not rescaled
+    assert torch.allclose(W.detach(), W0 - 0.1 * ms.polar(W.grad), atol=1e-5)
+    with pytest.raises(ValueError):
+        ms.orthogonalize([W.grad], [1], method="exact")
+
+
+def test_scalar_map_settles_on_the_readme_range():
+    lo, hi = ms.scalar_map_range()
+    assert abs(lo - 0.6819) < 1e-3 and abs(hi - 1.1343) < 1e-3
+    a, b, c = ms.NS_COEFFS
+    x, cycle = hi, []
+    for _ in range(4):  # a 4-cycle: 1.134 -> 0.753 -> 1.047 -> 0.682 -> 1.134, all inside [lo, hi]
+        x = a * x + b * x**3 + c * x**5
+        cycle.append(x)
+    assert abs(cycle[-1] - hi) < 1e-6 and min(cycle) == pytest.approx(lo, abs=1e-6)
+
+
+def test_optimizer_state_counts_real_state_one_buffer_for_muon_two_for_adam():
+    cfg = replace(TINY, **ms.MODERN)
+    model = ms.GPT(cfg)
+    groups = ms.split_params(model)
+    n_hidden = sum(p.numel() for p in groups["hidden"])
+    n_all = sum(p.numel() for p in model.parameters())
+    on_cpu = ms.optimizer_state_ratio(cfg, device="cpu")
+    on_meta = ms.optimizer_state_ratio(cfg)  # the meta device counts the same state without allocating it
+    assert on_cpu["adamw"] == on_meta["adamw"] == 2 * 4 * n_all  # exp_avg + exp_avg_sq, fp32
+    assert on_cpu["muon"] == on_meta["muon"] == 4 * n_hidden + 2 * 4 * (n_all - n_hidden)
+    rec124 = replace(ms.GPTConfig(n_layer=12, n_head=6, n_embd=768, seq_len=1024), rmsnorm=True, rotary=True,
+                     qk_norm=True, relu2=True, zero_init=True)
+    assert 0.65 < ms.optimizer_state_ratio(rec124)["ratio"] < 0.66  # 85M hidden + 38.6M tied embedding
+
+
+# ---------------------------------------------------------------- validation per source, paired seeds, forks
+
+
+def test_val_set_samples_the_whole_split_and_labels_each_target_with_its_source():
+    n = 20000
+    tokens = (np.arange(n) % 500).astype(np.uint16)
+    sources = (np.arange(n) * 4 // n).astype(np.uint8)  # four sources in file order, 5,000 tokens each
+    val = ms.val_set(tokens, 16, 2048, sources=sources, names=("a", "b", "c", "d"), seed=0)
+    assert val.x.shape == (128, 16) and val.n_tokens == 2048
+    starts = val.x[:, 0].numpy()  # token value = position mod 500: windows come from all four quarters, not the first
+    assert set(np.bincount(val.src[:, -1].numpy(), minlength=4).nonzero()[0]) == {0, 1, 2, 3}
+    assert torch.equal(val.y[:, :-1], val.x[:, 1:]) and len(set(starts.tolist())) > 50
+    whole = ms.val_set(tokens, 16, None, sources=sources, names=("a", "b", "c", "d"))
+    assert len(whole.x) == (n - 1) // 17  # every non-overlapping window of the split
+    torch.manual_seed(0)
+    model = ms.GPT(replace(TINY, vocab_size=512))
+    mean, per = ms.evaluate(model, val, "cpu", batch=32, per_source=True)
+    assert abs(mean - ms.evaluate(model, val, "cpu", batch=32)) < 1e-5  # the same loss either way
+    counts = np.bincount(val.src.reshape(-1).numpy(), minlength=4)
+    assert abs(sum(per[k] * counts[i] for i, k in enumerate("abcd")) / counts.sum() - mean) < 1e-6
+
+
+def _stream(n=40000, seed=0):
+    rng = np.random.default_rng(seed)
+    return (np.cumsum(np.where(rng.random(n) < 0.9, 1, rng.integers(0, 64, n))) % 64).astype(np.uint16)
+
+
+def test_paired_seeds_share_data_order_and_initial_weights_across_architectures():
+    seq = _stream()
+    a, b = replace(TINY, vocab_size=64, rmsnorm=True, rotary=True), replace(TINY, vocab_size=64, **ms.MODERN)
+    run = ms.RunConfig(optimizer="muon", lr=0.02, batch_size=8, tokens=8 * 16 * 4, eval_every=0, eval_tokens=256)
+    h_a, m_a, _ = ms.train(a, run, seq, seq[:2000])
+    h_b, _, _ = ms.train(b, run, seq, seq[:2000])
+    h_c, _, _ = ms.train(a, replace(run, seed=1), seq, seq[:2000])
+    assert h_a.data == h_b.data != h_c.data  # same seed: same batches in the same order; another seed: not
+    tied5 = replace(b, untied=False)
+    m_a0, m_t0, m_b0 = [(torch.manual_seed(0), ms.GPT(cfg))[1] for cfg in (a, tied5, b)]  # seeded as train() does
+    assert torch.equal(m_a0.wte.weight, m_t0.wte.weight)  # records 4 and 5: the same tied matrix
+    assert torch.equal(m_a0.blocks[1].mlp.fc.weight, m_b0.blocks[1].mlp.fc.weight)  # and every arm the same blocks
+    batches = ms.TokenBatches(seq, 16, 8, seed=3)
+    digest = ms.data_digest(batches)
+    assert ms.data_digest(batches) == digest and batches.pos == 0  # taking a digest draws nothing
+
+
+def test_a_forked_budget_equals_a_separate_run_of_that_budget():
+    seq = _stream()
+    cfg = replace(TINY, vocab_size=64, **ms.MODERN)
+    val = ms.val_set(seq[:4000], 16, 1024)
+    run = ms.RunConfig(optimizer="muon", lr=0.05, embed_lr=0.02, batch_size=8, tokens=8 * 16 * 40, eval_every=10,
+                       eval_tokens=1024)
+    full, _, _ = ms.train(cfg, replace(run, branches=(0.5, 0.75)), seq, val, val_final=val)
+    plain, _, _ = ms.train(cfg, run, seq, val, val_final=val)
+    assert full.val_loss == pytest.approx(plain.val_loss, abs=1e-6)  # forking leaves the full run unchanged
+    for f in (0.5, 0.75):
+        alone, _, _ = ms.train(cfg, replace(run, tokens=int(f * run.tokens)), seq, val, val_final=val)
+        b = full.branches[f"{f:g}"]
+        assert b["steps"] == alone.steps and b["final_val"] == pytest.approx(alone.final_val, abs=1e-6)
+    with pytest.raises(ValueError):
+        ms.train(cfg, replace(run, optimizer="adamw", warmup_frac=0.1, branches=(0.5,)), seq, val)
+
+
 # ---------------------------------------------------------------- several processes (gloo, CPU)
 
 
@@ -398,10 +517,14 @@ def test_scaling_worker_refuses_a_batch_that_does_not_split():
 def test_claims_and_parameters_validate():
     ch = load_chapter(FOLDER)
     ids = {c.id for c in ch.claims}
-    assert {"muon-token-saving", "muon-overhead", "ns-range", "ns-uniform", "arch-changes",
-            "llmc-baseline", "record-time"} <= ids
+    assert {"muon-token-saving", "muon-wallclock-speedup", "muon-overhead", "muon-memory", "ns-map-range",
+            "ns5-vs-polar", "arch-record5", "arch-record8", "llmc-baseline", "record-time"} == ids
+    assert not ids & {"ns-range", "ns-uniform", "arch-changes"}  # retired: a changed metric is a new id
+    assert {g.id for g in ch.goals} == {"modern-muon-step-vs-plain"}
     p = resolve(ch.parameters, {"profile": "smoke"}, cuda=False)
     assert p["vocab"] < 50304 and p["bench"] == "tiny"
+    g = resolve(ch.parameters, {"profile": "gpu"}, cuda=True)
+    assert g["tokens"] >= 20_000_000 and g["n_seeds"] >= 3 and set(g["parts"]) == {"arch", "bench"}
 
 
 @pytest.mark.parametrize("bad", [
@@ -410,6 +533,8 @@ def test_claims_and_parameters_validate():
     {"adamw_lrs": [-0.001]},
     {"fractions": [1.5]},
     {"bench": "350M"},
+    {"parts": ["arch", "ladder"]},
+    {"arch_fractions": [1.0]},
     {"vocab": 60000},
     {"batch_size": 2.5},
     {"lr": 0.02},  # not a parameter of this chapter

@@ -34,3 +34,40 @@ def test_ratios_gives_one_replicate_per_timed_pair_and_sees_a_real_speedup():
     assert len(rs) == 3 and all(r > 1 for r in rs)  # a 256³ matmul is far slower than a 16³ one on any CPU
     with pytest.raises(ValueError):
         bench.ratios(lambda: None, lambda: None, replicates=0)
+
+
+def test_parts_records_results_errors_and_the_budget_and_saves_after_each_part(tmp_path):
+    """The measurement scripts' runner: a part's dict with its wall time, a failing part's error without losing the
+    others, parts not asked for left out, and after the budget a 'skipped' record; the JSON on disk after every part."""
+    import json
+
+    from repro_utils.bench import Parts
+
+    res = {"chapter": "x"}
+    out = tmp_path / "sub" / "r.json"
+    part = Parts(res, ["a", "boom", "c"], out=out, budget_s=3600, progress=False)
+    part.setup_done()
+    part("a", lambda: {"v": 1})
+    assert json.loads(out.read_text())["parts"]["a"]["v"] == 1  # written before the next part starts
+    part("boom", lambda: 1 / 0)
+    part("not-asked", lambda: {"v": 2})
+    part.budget_s = 0.0
+    part("c", lambda: {"v": 3})
+    part.close()
+    got = json.loads(out.read_text())
+    assert got["parts"]["boom"]["error"].startswith("ZeroDivisionError")
+    assert "not-asked" not in got["parts"] and got["parts"]["c"]["skipped"].startswith("time budget")
+    assert all("part_wall_s" in v for v in got["parts"].values()) and got["wall_s"] >= 0
+
+
+def test_script_args_refuse_unknown_parts_and_take_extras(capsys):
+    import pytest
+
+    from repro_utils.bench import script_args
+
+    args, parts = script_args("doc", ["a", "b"], budget_s=10.0, argv=["--out", "x.json", "--parts", "b"],
+                              extra=lambda ap: ap.add_argument("--workload-reps", type=int, default=2))
+    assert parts == ["b"] and args.workload_reps == 2 and args.budget_s == 10.0 and not args.dry_run
+    with pytest.raises(SystemExit):
+        script_args("doc", ["a"], budget_s=1.0, argv=["--out", "x", "--parts", "a,zz"])
+    assert "unknown parts" in capsys.readouterr().err

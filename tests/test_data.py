@@ -83,3 +83,19 @@ def test_sample_windows_cover_the_split_without_overlap():
 def test_unknown_corpus_is_refused():
     with pytest.raises(ValueError, match="corpus"):
         next(data.texts("val", corpus="corpus-xxl"))
+
+
+def test_a_local_folder_without_sources_is_one_source(tmp_path, monkeypatch):
+    """A REPRO_DATA_DIR built before documents carried their source ({"id", "text"} only) still loads."""
+    import gzip
+    import json
+
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    for split in ("train", "val"):
+        with gzip.open(tmp_path / "data" / "corpus" / f"{split}.jsonl.gz", "wt") as f:
+            for i in range(3):
+                f.write(json.dumps({"id": f"{split}{i}", "text": f"document {i} of {split}"}) + "\n")
+    monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    assert [s for s, _ in data.documents("val")] == ["corpus"] * 3

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import math
 import os
 import time
@@ -56,6 +57,7 @@ class GPTConfig:
     relu2: bool = False  # ReLU(x)² in the MLP (GPT-2: GELU)
     zero_init: bool = False  # the two output projections of each block start at zero
     untied: bool = False  # input embedding and output head are separate matrices; head starts at zero
+    embed_std: float = 0.02  # init of the token embedding (record 8: PyTorch's default N(0, 1), then an RMSNorm)
 
 
 # The rungs of the ladder, each adding one change to the one above (the record that adopted it in brackets).
@@ -187,10 +189,14 @@ class GPT(nn.Module):
             if m is self.lm_head and self.cfg.untied:
                 nn.init.zeros_(m.weight)  # record 8: "init head to zero"
         elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.normal_(m.weight, 0.0, self.cfg.embed_std if m is self.wte else 0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy. idx, targets: (B, T) int64."""
+        return self.loss(self.hidden(idx), targets)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last block's output, (B, T, C), before the final norm and the head."""
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.size(1), device=idx.device))
@@ -198,11 +204,16 @@ class GPT(nn.Module):
             x = self.embed_norm(x)
         for block in self.blocks:
             x = block(x)
-        return self.loss(x, targets)
+        return x
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm_f(x)).float()  # (B, T, V), the softmax in fp32
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every target token, (B, T): for validation loss per source."""
+        logits = self.lm_head(self.norm_f(self.hidden(idx))).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(targets.shape)
 
     def matmul_params(self) -> int:
         """Parameters that take part in a matrix multiply per token: the blocks' and the head's (not the lookups)."""
@@ -250,9 +261,37 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return X.mT if tall else X
 
 
-def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5) -> list[torch.Tensor]:
-    """Newton-Schulz on every matrix (a matrix with k chunks is k stacked matrices), scaled by
-    sqrt(max(1, rows/cols)) as in the records. Pieces of the same shape share one batched call."""
+def polar(G: torch.Tensor) -> torch.Tensor:
+    """The exact polar factor U V^T of G = U S V^T (thin SVD in float32), batched over leading dimensions:
+    what Newton-Schulz approximates. Singular values that are exactly zero map to zero, as in NS."""
+    U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+    tol = S.amax(-1, keepdim=True) * max(G.shape[-2:]) * torch.finfo(torch.float32).eps  # numpy's matrix_rank rule
+    keep = (S > tol).to(U.dtype)  # a rank-deficient G: its null directions stay zero
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def scalar_map_range(iterations: int = 200, steps_tail: int = 2, grid: int = 20001, lo: float = 1e-3) -> tuple[float, float]:
+    """Where the quintic's scalar map p(x) = a x + b x^3 + c x^5 settles "upon repeated application" (README):
+    the smallest and largest value over the last ``steps_tail`` iterates of every start in [lo, 1], float64.
+    The map has no stable fixed point near 1: it ends on a 4-cycle (0.682 -> 1.134 -> 0.753 -> 1.047 -> 0.682),
+    so the range is that of the cycle."""
+    a, b, c = NS_COEFFS
+    x = np.linspace(lo, 1.0, grid)
+    tail = []
+    for i in range(iterations):
+        x = a * x + b * x**3 + c * x**5
+        if i >= iterations - steps_tail:
+            tail.append(x.copy())
+    t = np.concatenate(tail)
+    return float(t.min()), float(t.max())
+
+
+def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5, method: str = "ns5") -> list[torch.Tensor]:
+    """Newton-Schulz (``method="ns5"``) or the exact polar factor (``"svd"``) of every matrix (a matrix with k
+    chunks is k stacked matrices), scaled by sqrt(max(1, rows/cols)) as in the records. Pieces of the same
+    shape share one batched call."""
+    if method not in ("ns5", "svd"):
+        raise ValueError(f"method must be 'ns5' or 'svd', not {method!r}")
     groups = defaultdict(list)  # (short side, long side) -> [(matrix index, chunk index, transposed, piece)]
     for i, (G, k) in enumerate(zip(mats, chunks)):
         for j, piece in enumerate(G.view(k, -1, G.size(-1)).unbind(0)):
@@ -260,7 +299,8 @@ def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5) -
             groups[tuple(sorted(piece.shape))].append((i, j, tall, piece.mT if tall else piece))
     out = [torch.empty_like(G) for G in mats]
     for entries in groups.values():
-        ortho = newton_schulz(torch.stack([e[3] for e in entries]), steps)
+        stack = torch.stack([e[3] for e in entries])
+        ortho = newton_schulz(stack, steps) if method == "ns5" else polar(stack).to(stack.dtype)
         for (i, j, tall, _), o in zip(entries, ortho):
             o = o.mT if tall else o
             out[i].view(chunks[i], -1, mats[i].size(-1))[j].copy_(o * max(1.0, o.size(0) / o.size(1)) ** 0.5)
@@ -293,12 +333,12 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0):
+                 ns_steps: int = 5, weight_decay: float = 0.0, method: str = "ns5"):
         params = list(params)
         if not params or any(p.ndim != 2 for p in params):
             raise ValueError("Muon takes a non-empty list of 2-D matrices; give embeddings, head, gains and biases to AdamW")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, method=method))
         self.keep_inputs = False  # when True, the next step keeps (param, NS input) pairs in self.kept
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -319,7 +359,8 @@ class Muon(torch.optim.Optimizer):
             if self.keep_inputs:
                 self.kept = [(p, G.detach().float().cpu()) for p, G in zip(mine, inputs)]
                 self.keep_inputs = False
-            updates = orthogonalize(inputs, [getattr(p, "ns_chunks", 1) for p in mine], group["ns_steps"])
+            updates = orthogonalize(inputs, [getattr(p, "ns_chunks", 1) for p in mine], group["ns_steps"],
+                                    group.get("method", "ns5"))
             for p, u in zip(mine, updates):
                 p.mul_(1 - group["lr"] * group["weight_decay"]).add_(u, alpha=-group["lr"])
             if world > 1:  # gather: chunk i of each shape holds params i*world ... i*world + world - 1
@@ -365,23 +406,59 @@ class RunConfig:
     seed: int = 0
     compile: bool = False
     keep_ns_inputs_at: float | None = None  # fraction of the run at which Muon keeps its NS inputs
+    head_lr: float | None = None  # untied models: AdamW lr of the head alone (record 8: 0.002); None = embed_lr
+    ortho: str = "ns5"  # Muon's orthogonalisation: "ns5" (Newton-Schulz) or "svd" (the exact polar factor)
+    branches: tuple[float, ...] = ()  # shorter budgets (fractions of tokens) forked from this run (see train)
 
 
 def build_optimizers(model: GPT, run: RunConfig) -> list[torch.optim.Optimizer]:
     groups = split_params(model)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     wd = run.weight_decay
+    if run.head_lr is not None and model.cfg.untied:  # record 8: the embedding and the head each get their own lr
+        head = [p for p in groups["embed_head"] if p is model.lm_head.weight]
+        embed = [p for p in groups["embed_head"] if p is not model.lm_head.weight]
+        extra = [dict(params=head, lr=run.head_lr, weight_decay=wd)]
+    else:
+        embed, extra = groups["embed_head"], []
     if run.optimizer == "adamw":
         adam_groups = [dict(params=groups["hidden"], lr=run.lr, weight_decay=wd),
-                       dict(params=groups["embed_head"], lr=run.embed_lr, weight_decay=wd),
+                       dict(params=embed, lr=run.embed_lr, weight_decay=wd), *extra,
                        dict(params=groups["gains_biases"], lr=run.lr, weight_decay=0.0)]
         return [torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=run.betas, eps=1e-8, **fused)]
     if run.optimizer == "muon":
-        adam_groups = [dict(params=groups["embed_head"], lr=run.embed_lr, weight_decay=wd),
+        adam_groups = [dict(params=embed, lr=run.embed_lr, weight_decay=wd), *extra,
                        dict(params=groups["gains_biases"], lr=run.adam_lr, weight_decay=0.0)]
         adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=run.betas, eps=1e-8, **fused)
-        return [adam, Muon(groups["hidden"], lr=run.lr, momentum=run.momentum, weight_decay=wd)]
+        return [adam, Muon(groups["hidden"], lr=run.lr, momentum=run.momentum, weight_decay=wd, method=run.ortho)]
     raise ValueError(f"optimizer must be 'muon' or 'adamw', not {run.optimizer!r}")
+
+
+def optimizer_state_bytes(opts: list[torch.optim.Optimizer]) -> int:
+    """Bytes of every tensor the optimizers keep between steps (AdamW: exp_avg, exp_avg_sq; Muon: the
+    momentum buffer), counted from their state after a step; scalar step counters are left out."""
+    return sum(t.numel() * t.element_size() for o in opts for st in o.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.ndim > 0)
+
+
+def optimizer_state_ratio(cfg: GPTConfig, device="meta") -> dict:
+    """Optimizer state of Muon (+ AdamW for embeddings, head, gains) over AdamW for everything, for ``cfg``,
+    measured from real optimizer state after one step. On the ``meta`` device no memory is touched, so the
+    124M model is counted on any machine."""
+    out = {}
+    for name in ("adamw", "muon"):
+        with torch.device(device):
+            model = GPT(cfg)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opts = build_optimizers(model, RunConfig(optimizer=name))
+        for o in opts:
+            o.step()
+        out[name] = optimizer_state_bytes(opts)
+    out["params"] = sum(p.numel() for p in GPT(cfg).to("meta").parameters()) if device != "meta" else \
+        sum(p.numel() for p in model.parameters())
+    out["ratio"] = out["muon"] / out["adamw"]
+    return out
 
 
 def lr_factor(step: int, steps: int, run: RunConfig) -> float:
@@ -421,12 +498,59 @@ class TokenBatches:
         chunk = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64))
         return chunk[:, :-1], chunk[:, 1:]
 
+    def state(self) -> tuple:
+        """Where the stream is (order, position, epoch, generator): ``set_state`` returns to it exactly."""
+        return self.order.clone(), self.pos, self.epoch, self.gen.get_state()
 
-def val_sequences(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n_tokens of the validation tokens as (n, seq_len) inputs and targets: a fixed set for every eval."""
-    n = max(1, min(n_tokens, len(tokens) - 1) // seq_len)
-    arr = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1], dtype=np.int64))
-    return arr[:-1].view(n, seq_len), arr[1:].view(n, seq_len)
+    def set_state(self, st: tuple) -> None:
+        order, self.pos, self.epoch, gen = st
+        self.order = order.clone()
+        self.gen.set_state(gen)
+
+
+@dataclass
+class ValSet:
+    """Validation windows: inputs x and targets y, (n, seq_len); ``src`` (n, seq_len) is the source index of
+    each target token (``names[src]``), or None where sources are unknown."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    src: torch.Tensor | None = None
+    names: tuple[str, ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        return self.y.numel()
+
+
+def val_set(tokens: np.ndarray, seq_len: int, n_tokens: int | None = None, *, sources: np.ndarray | None = None,
+            names=(), seed: int = 0) -> ValSet:
+    """A shuffled, seeded sample of non-overlapping windows from the whole validation split
+    (``repro_utils.data.sample_windows``), never its first documents; ``n_tokens=None`` takes every window
+    (the whole split). ``sources`` (one index per token, ``data.token_sources``) labels each target token."""
+    from repro_utils.data import sample_windows, windows
+
+    slots = (len(tokens) - 1) // (seq_len + 1)
+    n = slots if n_tokens is None else max(1, min(slots, n_tokens // seq_len))
+    starts = sample_windows(len(tokens), n, seq_len, seed=seed)
+    x, y = windows(tokens, starts, seq_len)
+    src = None
+    if sources is not None:
+        idx = starts[:, None] + np.arange(1, seq_len + 1)[None, :]  # the source of each target token
+        src = torch.from_numpy(np.asarray(sources[idx], dtype=np.int64))
+    return ValSet(x, y, src, tuple(names))
+
+
+def data_digest(batches: TokenBatches, n: int = 4) -> str:
+    """A fingerprint of the first ``n`` batches a run will draw (without drawing them): two runs with the
+    same digest see the same data in the same order, the pairing that the paired-seed comparisons rely on."""
+    import hashlib
+
+    st, h = batches.state(), hashlib.sha1()
+    for _ in range(n):
+        h.update(batches.next()[0].numpy().tobytes())
+    batches.set_state(st)
+    return h.hexdigest()[:12]
 
 
 def shrink_vocab(train: np.ndarray, val: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -483,25 +607,44 @@ class History:
     steps: int = 0
     seconds: float = 0.0
     epochs: float = 0.0  # passes over the training tokens
+    final_by_source: dict[str, float] = field(default_factory=dict)  # final validation loss per source
+    data: str = ""  # data_digest of the run's batches: equal for the arms of a paired comparison
+    branches: dict[str, dict] = field(default_factory=dict)  # fraction -> {tokens, steps, final_val, final_by_source, seconds}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, xv: torch.Tensor, yv: torch.Tensor, device, batch: int = 64) -> float:
-    """Mean validation loss on fixed sequences; with several processes each takes a share, then all_reduce."""
+def evaluate(model: nn.Module, val: ValSet, device, batch: int = 64, per_source: bool = False):
+    """Mean validation loss on fixed windows; with several processes each takes a share, then all_reduce.
+    ``per_source=True`` returns (mean, {source: mean loss}) from per-token losses (needs ``val.src``)."""
     rank, world = rank_world()
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses x tokens, tokens)
-    for i in range(rank * batch, len(xv), batch * world):
-        x, y = xv[i:i + batch].to(device), yv[i:i + batch].to(device)
+    k = len(val.names) if per_source else 0
+    if per_source:
+        batch = min(batch, 16)  # fp32 logits of every position: 16 x 1024 x 50304 x 4 bytes = 3.3 GB
+    total = torch.zeros(2 + 2 * k, device=device, dtype=torch.float64)  # (loss sum, tokens, per source: sums, counts)
+    for i in range(rank * batch, len(val.x), batch * world):
+        x, y = val.x[i:i + batch].to(device), val.y[i:i + batch].to(device)
         with autocast(device):
-            total += torch.tensor([model(x, y).item() * y.numel(), y.numel()], device=device, dtype=torch.float64)
+            if per_source:
+                lt = model.token_losses(x, y).double()
+                s = val.src[i:i + batch].to(device).reshape(-1)
+                total[0] += lt.sum()
+                total[1] += y.numel()
+                total[2:2 + k] += torch.bincount(s, weights=lt.reshape(-1), minlength=k)[:k]
+                total[2 + k:] += torch.bincount(s, minlength=k)[:k].double()
+            else:
+                total[:2] += torch.tensor([model(x, y).item() * y.numel(), y.numel()], device=device, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item()
+    mean = (total[0] / total[1]).item()
+    if not per_source:
+        return mean
+    sums, counts = total[2:2 + k].tolist(), total[2 + k:].tolist()
+    return mean, {name: sm / c for name, sm, c in zip(val.names, sums, counts) if c}
 
 
 def autocast(device):
@@ -511,21 +654,41 @@ def autocast(device):
     return contextlib.nullcontext()  # fp32 on the CPU
 
 
-def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val_tokens: np.ndarray, *,
-          device="cpu", name: str = "", keep_first_grads: bool = False, progress=None):
+def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val: ValSet | np.ndarray, *,
+          device="cpu", name: str = "", keep_first_grads: bool = False, progress=None, val_final: ValSet | None = None):
     """Train one model from scratch; returns (History, model, optimizers).
 
     The same code runs on one process and under torchrun (DDP): each of the N processes takes its
     1/N slice of every global batch, DDP averages the gradients, Muon shares its Newton-Schulz work.
+    ``val`` is evaluated every ``eval_every`` steps (the curve); ``val_final`` (e.g. the whole validation
+    split, with sources) once at the end, which gives ``final_val`` and ``final_by_source``.
+
+    ``run.branches``: shorter budgets forked from this run. Under the records' schedule (constant, then a
+    linear warmdown over the last ``warmdown_frac`` of the steps, no warmup) a run of budget f*T is this
+    run's first (1 - warmdown_frac) * f * T tokens followed by its own warmdown; so at that step the model,
+    optimizers and data stream are copied, the branch's warmdown is run and evaluated, and this run resumes
+    from the copy. Same numbers as a separate run of f*T tokens (tested), at a fraction of the cost.
     """
     rank, world = rank_world()
     device = torch.device(device)
     micro = run.batch_size // (world * run.grad_accum)
     if micro * world * run.grad_accum != run.batch_size:
         raise ValueError(f"batch_size {run.batch_size} is not divisible by {world} processes x {run.grad_accum} micro-batches")
-    steps = run.tokens // (run.batch_size * model_cfg.seq_len)
+    tokens_per_step = run.batch_size * model_cfg.seq_len
+    steps = run.tokens // tokens_per_step
     if steps < 1:
         raise ValueError(f"a budget of {run.tokens} tokens is less than one batch of {run.batch_size} x {model_cfg.seq_len}")
+    forks = {}  # fork step -> [(fraction, branch steps)]
+    if run.branches:
+        if run.warmup_frac or run.schedule != "trapezoid" or world > 1:
+            raise ValueError("branches need the trapezoid schedule with no warmup, on one process")
+        for f in run.branches:
+            if not 0 < f < 1:
+                raise ValueError(f"a branch is a fraction of the budget in (0, 1), not {f}")
+            steps_f = int(f * run.tokens) // tokens_per_step
+            forks.setdefault(steps_f - round(run.warmdown_frac * steps_f), []).append((f, steps_f))
+    if isinstance(val, np.ndarray):
+        val = val_set(val, model_cfg.seq_len, run.eval_tokens)
     torch.manual_seed(run.seed)  # the same initial weights on every process
     model = GPT(model_cfg).to(device)
     if run.compile:
@@ -540,30 +703,17 @@ def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val_to
     muon = next((o for o in opts if isinstance(o, Muon)), None)
     keep_step = None if run.keep_ns_inputs_at is None else min(steps - 1, int(run.keep_ns_inputs_at * steps))
     batches = TokenBatches(train_tokens, model_cfg.seq_len, run.batch_size, run.seed)
-    xv, yv = val_sequences(val_tokens, model_cfg.seq_len, run.eval_tokens)
-    hist, first_grads = History(name=name, steps=steps), None
-    tokens_per_step = run.batch_size * model_cfg.seq_len
+    hist, first_grads = History(name=name, steps=steps, data=data_digest(batches)), None
     losses = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for step in range(steps + 1):
-        if step == steps or (run.eval_every and step % run.eval_every == 0):
-            sync()
-            t_eval = time.perf_counter()
-            hist.tokens.append(step * tokens_per_step)
-            hist.val_loss.append(evaluate(model, xv, yv, device))  # the bare model: no DDP hooks
-            hist.train_loss.append(torch.stack(losses).mean().item() if losses else None)
-            losses = []
-            t0 += time.perf_counter() - t_eval  # evaluations are not training time
-            if step == steps:
-                break
+
+    def one_step(step: int, total: int):
         x, y = batches.next()
         mine = slice(rank * micro * run.grad_accum, (rank + 1) * micro * run.grad_accum)
         x, y = x[mine], y[mine]
         for o, lrs in zip(opts, base_lrs):
             for g, lr in zip(o.param_groups, lrs):
-                g["lr"] = lr * lr_factor(step, steps, run)
+                g["lr"] = lr * lr_factor(step, total, run)
         for m in range(run.grad_accum):
             xm, ym = x[m * micro:(m + 1) * micro].to(device), y[m * micro:(m + 1) * micro].to(device)
             last = m == run.grad_accum - 1
@@ -571,6 +721,56 @@ def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val_to
                 loss = net(xm, ym) / run.grad_accum
             loss.backward()
             losses.append(loss.detach() * run.grad_accum)
+        return step
+
+    def final_eval() -> tuple[float | None, dict]:
+        if val_final is None:
+            return None, {}
+        if val_final.src is None:
+            return evaluate(model, val_final, device), {}
+        return evaluate(model, val_final, device, per_source=True)
+
+    def branch(f: float, steps_f: int, start: int) -> None:
+        sync()
+        t_b = time.perf_counter()
+        snap = ({k: v.clone() for k, v in model.state_dict().items()},
+                [copy.deepcopy(o.state_dict()) for o in opts], batches.state(), len(losses))
+        for st in range(start, steps_f):
+            one_step(st, steps_f)
+            for o in opts:
+                o.step()
+            net.zero_grad(set_to_none=True)
+        sync()
+        seconds = time.perf_counter() - t_b
+        final, by_source = final_eval()
+        if final is None:
+            final = evaluate(model, val, device)
+        hist.branches[f"{f:g}"] = dict(tokens=steps_f * tokens_per_step, steps=steps_f, fork_step=start,
+                                       final_val=final, final_by_source=by_source, seconds=seconds)
+        model.load_state_dict(snap[0])
+        for o, sd in zip(opts, snap[1]):
+            o.load_state_dict(sd)
+        batches.set_state(snap[2])
+        del losses[snap[3]:]  # the branch's training losses are not this run's
+
+    sync()
+    t0 = time.perf_counter()
+    for step in range(steps + 1):
+        if step == steps or (run.eval_every and step % run.eval_every == 0):
+            sync()
+            t_eval = time.perf_counter()
+            hist.tokens.append(step * tokens_per_step)
+            hist.val_loss.append(evaluate(model, val, device))  # the bare model: no DDP hooks
+            hist.train_loss.append(torch.stack(losses).mean().item() if losses else None)
+            losses = []
+            t0 += time.perf_counter() - t_eval  # evaluations are not training time
+            if step == steps:
+                break
+        for f, steps_f in forks.get(step, ()):
+            t_fork = time.perf_counter()
+            branch(f, steps_f, step)
+            t0 += time.perf_counter() - t_fork  # a branch is its own run's time, not this one's
+        one_step(step, steps)
         if keep_first_grads and step == 0:
             first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         if muon is not None and step == keep_step:
@@ -582,7 +782,8 @@ def train(model_cfg: GPTConfig, run: RunConfig, train_tokens: np.ndarray, val_to
             progress.update(1)
     sync()
     hist.seconds = time.perf_counter() - t0
-    hist.final_val = hist.val_loss[-1]
+    final, hist.final_by_source = final_eval()
+    hist.final_val = hist.val_loss[-1] if final is None else final
     hist.epochs = steps * tokens_per_step / len(train_tokens)
     if keep_first_grads:
         hist.first_grads = first_grads
@@ -626,12 +827,13 @@ def budget_to_target(budgets: list[float], finals: list[float], target: float) -
 
 
 def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimizers=("adamw", "muon"),
-               compile: bool = True, timer=None) -> dict:
+               compile: bool = True, timer=None, reps: int = 1) -> dict:
     """Time one training step of ``cfg`` at ``accum`` micro-batches of ``micro_batch`` sequences.
 
     A step is accum x (forward + backward) then each optimizer's step; both are timed apart with the
     same timer (``repro_utils.bench.time_fn``: do_bench on CUDA) so the optimizers share one compiled model.
-    Returns ms per micro-batch, ms per optimizer step, ms per step, tokens/s and model TFLOP/s.
+    Returns ms per micro-batch, ms per optimizer step, ms per step, tokens/s and model TFLOP/s (means), and
+    each of ``reps`` repeated timings (``*_reps``: the replicates an interval needs).
     """
     from repro_utils.bench import time_fn
 
@@ -653,7 +855,9 @@ def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimize
     fwd_bwd()  # the first call compiles
     if device.type == "cuda":
         torch.cuda.synchronize()
-    out = dict(compile_s=time.perf_counter() - t0, micro_ms=timer(fwd_bwd).ms, tokens_per_step=accum * micro_batch * cfg.seq_len,
+    micro = [timer(fwd_bwd).ms for _ in range(reps)]
+    out = dict(compile_s=time.perf_counter() - t0, micro_ms=float(np.mean(micro)), micro_ms_reps=micro,
+               tokens_per_step=accum * micro_batch * cfg.seq_len,
                flops_per_token=flops_per_token(model), params=sum(p.numel() for p in model.parameters()))
     for name in optimizers:
         opts = build_optimizers(model, RunConfig(optimizer=name, lr=0.02 if name == "muon" else 0.0018))
@@ -663,7 +867,10 @@ def bench_step(cfg: GPTConfig, micro_batch: int, accum: int, device, *, optimize
                 o.step()
 
         opt_step()  # create the optimizer state outside the timing
-        out[f"opt_ms_{name}"] = timer(opt_step).ms
+        opt = [timer(opt_step).ms for _ in range(reps)]
+        out[f"opt_ms_{name}"], out[f"opt_ms_{name}_reps"] = float(np.mean(opt)), opt
+        out[f"step_ms_{name}_reps"] = [accum * m + o for m, o in zip(micro, opt)]  # rep r: micro-batch r, optimizer r
+        out[f"tokens_per_s_{name}_reps"] = [out["tokens_per_step"] / t * 1e3 for t in out[f"step_ms_{name}_reps"]]
         step_ms = accum * out["micro_ms"] + out[f"opt_ms_{name}"]
         out[f"step_ms_{name}"] = step_ms
         out[f"tokens_per_s_{name}"] = out["tokens_per_step"] / step_ms * 1e3

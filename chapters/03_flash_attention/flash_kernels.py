@@ -125,6 +125,35 @@ def standard_attention(q, k, v, causal=False, sm_scale=None):
     return p @ v
 
 
+def tiled_attention(q, k, v, causal=False, sm_scale=None, block_m=64, block_n=64):
+    """FlashAttention-2's forward (Alg. 1) as a plain PyTorch loop: the Triton kernel below does exactly this, with
+    each pass of the outer loop as one program running in parallel. Float32 on chip; returns (O, L) with
+    L = m + log(l), the log-sum-exp of each row that the backward pass needs."""
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    n = q.shape[-2]
+    o = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    for i in range(0, n, block_m):  # one query block Q_i: a Triton program
+        qi = q[..., i:i + block_m, :].float()
+        m = torch.full(qi.shape[:-1], float("-inf"), device=q.device)  # running row maximum
+        l = torch.zeros(qi.shape[:-1], device=q.device)  # noqa: E741  running row sum of exp(S - m)
+        acc = torch.zeros(qi.shape, device=q.device)  # running P V, not yet divided by l
+        for j in range(0, min(i + block_m, n) if causal else n, block_n):  # stream K_j, V_j past Q_i
+            s = (qi @ k[..., j:j + block_n, :].float().transpose(-2, -1)) * sm_scale
+            if causal:  # keys after the query row get probability 0
+                rows = torch.arange(i, i + qi.shape[-2], device=q.device)[:, None]
+                s = s.masked_fill(rows < torch.arange(j, j + s.shape[-1], device=q.device)[None, :], float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            p = torch.exp(s - m_new[..., None])
+            alpha = torch.exp(m - m_new)  # rescales what was summed under the old maximum
+            l = l * alpha + p.sum(-1)  # noqa: E741
+            acc = acc * alpha[..., None] + p @ v[..., j:j + block_n, :].float()
+            m = m_new
+        o[..., i:i + block_m, :] = acc / l[..., None]
+        lse[..., i:i + block_m] = m + torch.log(l)
+    return o.to(q.dtype), lse
+
+
 def attention_flops(batch, heads, seq_len, head_dim, causal=False, mode="fwd"):
     """FLOPs as FlashAttention-2 §4.1 counts them: 4·B·H·N²·D forward (two matmuls), half of it
     with a causal mask, and 2.5x the forward for the backward (five matmuls, recomputation included)."""

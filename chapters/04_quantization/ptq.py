@@ -804,26 +804,39 @@ def fp8_simulated(model: GPT) -> GPT:
     return out
 
 
+# The linear layers of a block in the order data reaches them: the IST-DASLab/gptq README's
+# --true-sequential quantizes each group only after the groups before it, from inputs that have passed
+# through them quantized (llama.py: [k, v, q], [o], [up, gate], [down]; here q, k, v are one layer).
+SEQUENTIAL = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
+
+
 @torch.no_grad()
 def gptq_quantize_model(model: GPT, calib: torch.Tensor, bits: int, group_size: int, *, act_order: bool = False,
-                        damp: float = 0.01, block_size: int = 128, chunk: int = 16):
+                        damp: float = 0.01, block_size: int = 128, chunk: int = 16, true_sequential: bool = True):
     """GPTQ over a whole model, block after block (the paper's §4 "sequential" setting): the calibration
     sequences run through the blocks already quantized, each linear layer's Hessian is collected from
-    the inputs it actually receives, then its weights are replaced by their GPTQ round trip."""
+    the inputs it actually receives, then its weights are replaced by their GPTQ round trip.
+
+    ``true_sequential`` (the README's ``--true-sequential``) goes further inside a block: the layers are
+    quantized group by group in the order of ``SEQUENTIAL``, and each group's Hessians are collected with
+    the groups before it already quantized. Without it, all layers of a block take their Hessians from one
+    pass of the unquantized block (the paper's original setting, opt.py)."""
     qmodel = copy.deepcopy(model).eval()
     x = torch.cat([qmodel.embed(c) for c in calib.split(chunk)])
     for block in qmodel.blocks:
-        layers = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        acc = {n: HessianAccumulator(m.in_features, x.device) for n, m in layers}
-        hooks = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in layers]
-        for xs in x.split(chunk):
-            block(xs)
-        for h in hooks:
-            h.remove()
-        for n, m in layers:
-            qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
-            m.weight.copy_(qw.dequantize().to(m.weight.dtype))
-        x = torch.cat([block(xs) for xs in x.split(chunk)])
+        linear = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        for names in (SEQUENTIAL if true_sequential else [list(linear)]):
+            acc = {n: HessianAccumulator(linear[n].in_features, x.device) for n in names}
+            hooks = [linear[n].register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n in names]
+            for xs in x.split(chunk):
+                block(xs)
+            for h in hooks:
+                h.remove()
+            for n in names:
+                m = linear[n]
+                qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
+                m.weight.copy_(qw.dequantize().to(m.weight.dtype))
+        x = torch.cat([block(xs) for xs in x.split(chunk)])  # the next block's inputs, through this one quantized
     return qmodel
 
 
@@ -996,6 +1009,37 @@ class SpeedLlama:
 # 6. Measurement
 # ----------------------------------------------------------------------------------------------------
 
+class Budget:
+    """The notebook's wall-clock budget (``budget_s``; 0 = none). A stage asks ``fits`` before it starts,
+    with the seconds it expects to take and those that later stages must keep; what does not fit is skipped,
+    named in ``skipped``, and its claims are recorded untested ("time budget"), so that the one GPU call still
+    ends with a ledger."""
+
+    def __init__(self, seconds: float, t0: float | None = None):
+        import time
+
+        self.seconds, self.t0, self.skipped = float(seconds), time.time() if t0 is None else t0, []
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.time() - self.t0
+
+    def left(self) -> float:
+        return float("inf") if not self.seconds else self.seconds - self.elapsed()
+
+    def fits(self, expected_s: float, what: str, *, reserve_s: float = 0.0) -> bool:
+        ok = expected_s + reserve_s <= self.left()
+        if not ok:
+            self.skipped.append(what)
+            print(f"time budget: {what} skipped (expects {expected_s:.0f} s, keeps {reserve_s:.0f} s for later "
+                  f"stages, {self.left():.0f} s of budget_s = {self.seconds:.0f} left)")
+        return ok
+
+    def mark(self, section: str) -> None:
+        print(f"[{self.elapsed():5.0f} s] {section}")
+
+
 def compact_vocab(train: torch.Tensor, size: int):
     """Map GPT-2 tokens to ``size`` ids: the size - 1 most frequent training tokens keep an id of their own,
     every other token shares the last one. The smoke profile uses it so that a CPU can train a model."""
@@ -1039,26 +1083,35 @@ def train_gpt(model: GPT, tokens, *, steps: int, batch_size: int, seq_len: int, 
 
 
 @torch.no_grad()
-def perplexity(model: GPT, tokens, *, seq_len: int, batch_size: int = 16, max_tokens: int | None = None,
-               device="cpu") -> float:
-    """exp(mean next-token loss) over non-overlapping windows of ``seq_len`` tokens, in fp32 (no TF32)."""
-    import numpy as np
+def token_losses(model: GPT, tokens, starts, *, seq_len: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """Next-token loss (nats) of every predicted token of the windows of seq_len + 1 tokens at ``starts``:
+    shape (len(starts), seq_len), in fp32 arithmetic (no TF32), on the CPU. Perplexity over any subset of
+    windows or tokens (one source, one replicate's share) is exp of the mean of its entries."""
+    from repro_utils.data import windows
 
-    arr = np.asarray(tokens[: (max_tokens or len(tokens)) + 1], dtype=np.int64)
-    n = (len(arr) - 1) // seq_len
-    x = torch.from_numpy(arr[: n * seq_len].reshape(n, seq_len))
-    y = torch.from_numpy(arr[1: n * seq_len + 1].reshape(n, seq_len))
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
+    out = []
     try:
         model.eval()
-        total = 0.0
-        for i in range(0, n, batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            total += model(xb, yb).item() * xb.numel()
+        for i in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[i:i + batch_size], seq_len, device=device)
+            logits = model(x).float()
+            out.append(F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+                       .view(y.shape).cpu())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    return math.exp(total / (n * seq_len))
+    return torch.cat(out)
+
+
+def perplexity_by_source(losses: torch.Tensor, source: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """exp(mean loss) over all tokens, then per source (``source`` holds each loss's source index)."""
+    out = {"all": math.exp(losses.mean().item())}
+    for i, name in enumerate(names):
+        sel = losses[source == i]
+        if sel.numel():
+            out[name] = math.exp(sel.mean().item())
+    return out
 
 
 def layer_output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
@@ -1176,6 +1229,44 @@ def bench_linears(shapes: dict[str, tuple[int, int]], token_counts: list[int], *
             t["tinygemm"] = timed(tinygemm_linear, x, tg, sz, 128)
         rows.append({"layer": name, "K": K, "N": N, "M": M, **{f"ms_{k}": v for k, v in t.items()}})
     return rows
+
+
+def linear_set(layers: list[tuple[int, int, int]], M: int, methods=("bf16", "int4_kernel"), *, device="cuda",
+               seed: int = 0) -> dict:
+    """For each method, one callable that runs ``count`` layers of each shape (K, N, count) of ``layers`` at M
+    tokens, each layer with weights of its own (prepared once): a set of layers (the MLP, a block) timed as one
+    unit, so that ``repro_utils.bench.ratios`` gives one speed-up per repeated timing (the replicates of a speed
+    claim). Never the same weight twice in one call: a 30 MB INT4 weight read a second time would come from the
+    50 MB L2 cache, which the timer flushes only before each call, and the INT4 figure would flatter itself."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    per = {m: [] for m in methods}
+    for K, N, count in layers:
+        for _ in range(count):
+            W = torch.randn(N, K, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+            x = torch.randn(M, K, generator=g, device=device, dtype=torch.bfloat16)
+            qw = rtn(W, 4, 128) if {"int4_kernel", "tinygemm"} & set(methods) else None
+            for m in methods:
+                if m == "bf16":
+                    fn = partial(F.linear, x, W)
+                elif m == "fp8":
+                    wq, ws = fp8_rowwise(W)
+                    fn = partial(fp8_linear, x, wq, ws.t().contiguous())
+                elif m == "int4_kernel":
+                    fn = partial(int4_matmul, x, Int4Weight.from_qweight(qw))
+                elif m == "tinygemm":
+                    tg, sz = tinygemm_pack(qw)
+                    fn = partial(tinygemm_linear, x, tg, sz, 128)
+                else:
+                    raise ValueError(f"unknown method {m!r}")
+                per[m].append(fn)
+
+    def runner(fns):
+        def run_all():
+            for fn in fns:
+                fn()
+        return run_all
+
+    return {m: runner(fns) for m, fns in per.items()}
 
 
 def time_decode(model: SpeedLlama, steps: int, pos: int = 512) -> float:

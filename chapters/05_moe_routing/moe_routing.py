@@ -71,11 +71,25 @@ def route_autograd(x: torch.Tensor, weight: torch.Tensor, top_k: int, *, gate: s
     Autograd saves ``x.to(dtype)``: a float32 copy of x lives from the forward to the backward."""
     with torch.autocast(x.device.type, enabled=False):
         logits = F.linear(x.to(dtype), weight.to(dtype))  # (N, E): h(x) = W_r x
-        scores = logits.softmax(dim=-1) if gate == "softmax" else logits.sigmoid()  # Switch eq. 1
+        if gate == "softmax":  # Switch eq. 1; below float32, every step rounds to dtype (see softmax_lowp)
+            scores = logits.softmax(dim=-1) if dtype in (torch.float32, torch.float64) else softmax_lowp(logits)
+        else:
+            scores = logits.sigmoid()
         pick = scores if bias is None else scores.float() + bias  # Wang et al. eq. 3: s_i + b_i selects ...
         top_idx = pick.topk(top_k, dim=-1).indices  # (N, k)
         gates = scores.gather(-1, top_idx)  # ... but the gate stays s_i (no bias, no renormalisation)
     return Routing(top_idx, gates, scores)
+
+
+def softmax_lowp(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax whose every intermediate is rounded to ``logits.dtype``: exp, the row sum, the quotient.
+
+    ``torch.softmax`` on a bfloat16 tensor computes in float32 and rounds only its output, so it is not
+    what a bfloat16 router meant in 2021 (Mesh TensorFlow ran the whole softmax in the activation dtype).
+    Here exp(z) and its sum are bfloat16 numbers (8 significant bits), as in that router."""
+    z = logits - logits.amax(dim=-1, keepdim=True)  # (N, E), in dtype
+    e = z.exp()  # rounded to dtype
+    return e / e.sum(dim=-1, keepdim=True, dtype=logits.dtype)  # the sum rounded to dtype, then the quotient
 
 
 def _router_fwd_torch(x, weight, bias, k, softmax, dtype):
@@ -504,7 +518,10 @@ class GPTConfig:
     balance: str = "aux"  # "aux" (Switch loss) | "none" | "bias" (aux-loss-free, Wang et al.)
     aux_alpha: float = 1e-2  # Switch §2.2
     bias_rate: float = 1e-3  # u of Wang et al. Algorithm 1
-    router_dtype: str = "fp32"  # "fp32" (Switch's selective precision) | "bf16"
+    router_dtype: str = "fp32"  # "fp32" (Switch's selective precision) | "bf16" (logits and softmax_lowp)
+    router_init: float = 0.02  # std of W_r; ≈ Switch's scale s = 0.1 at d = 256 (std sqrt(s / d)); s = 1.0 is 0.0625
+    init_scale: float | None = None  # Switch §2.4: every weight matrix but the embeddings from a truncated normal
+    #                                  of std sqrt(s / fan_in), resampled beyond 2 std; None: GPT-2's std 0.02
     capacity_factor: float | None = None  # None: dropless
     dispatch: str = "grouped"  # "grouped" | "loop"
 
@@ -541,7 +558,7 @@ class MoE(nn.Module):
         super().__init__()
         E, d, H = cfg.n_experts, cfg.d_model, cfg.d_expert
         self.cfg = cfg
-        self.router = nn.Parameter(torch.randn(E, d) * 0.02)  # W_r
+        self.router = nn.Parameter(torch.randn(E, d) * cfg.router_init)  # W_r
         self.register_buffer("bias", torch.zeros(E))  # b_i: selection bias, updated by rule, not by gradient
         self.w1 = nn.Parameter(torch.randn(E, d, H) * 0.02)  # (E, d, H)
         self.w2 = nn.Parameter(torch.randn(E, H, d) * 0.02 / math.sqrt(2 * cfg.n_layer))  # (E, H, d)
@@ -616,17 +633,23 @@ class GPT(nn.Module):
         nn.init.normal_(self.wpe.weight, std=0.01)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.init_scale is not None:  # Switch §2.4 ("Smaller parameter initialization for stability")
+            for name, p in self.named_parameters():
+                if p.dim() >= 2 and not name.startswith(("wte", "wpe")):
+                    std = math.sqrt(cfg.init_scale / p.shape[1])  # fan_in: (out, in) Linear, (E, in, out) experts, (E, d) router
+                    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
-    def forward(self, idx, targets):
-        """Returns (cross-entropy, α · Σ_layers aux loss) for (B, T) token ids and targets."""
+    def forward(self, idx, targets, reduction: str = "mean"):
+        """Returns (cross-entropy, α · Σ_layers aux loss) for (B, T) token ids and targets
+        (``reduction="none"``: the cross-entropy of every token, (B*T,))."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings; (B, T, V)
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))  # fp32 under autocast
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)  # fp32
         aux = [m.aux for m in self.moe_layers() if m.aux is not None]
         return ce, (self.cfg.aux_alpha * torch.stack(aux).sum() if aux else torch.zeros((), device=ce.device))
 
@@ -646,22 +669,39 @@ def param_counts(model: GPT) -> dict[str, int]:
 
 
 class Corpus:
-    """Training tokens on the device (random windows); fixed validation batches; and as many fixed batches
-    of training windows (``train_eval``), to compare the loss on seen text with the loss on unseen text."""
+    """Training tokens on the device (random windows: every batch a sample of the whole split); a fixed,
+    shuffled validation sample; as many fixed training windows (``train_eval``), to compare the loss on
+    seen text with the loss on unseen text.
+
+    The validation windows are ``eval_batches * batch_size`` non-overlapping windows drawn uniformly from
+    the whole split (``data.sample_windows``) and then put into batches in a seeded random order, so each
+    batch mixes the sources as a training batch does (evidence standard, rule 8: never the first N tokens
+    of a source-ordered file). ``val_sources`` (a per-token source index) lets ``evaluate`` report the
+    loss per source."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, batch_size: int, eval_batches: int,
-                 device):
+                 device, *, val_sources: np.ndarray | None = None, source_names: list[str] | None = None,
+                 seed: int = 0):
+        from repro_utils import data
+
         self.train = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
         self.seq_len, self.batch_size, self.device = seq_len, batch_size, device
-        v = torch.from_numpy(np.asarray(val, dtype=np.int64))
-        n_win = min(eval_batches * batch_size, (len(v) - 1) // seq_len)
+        n_win = min(eval_batches * batch_size, (len(val) - 1) // (seq_len + 1))
         if n_win < 1:
-            raise ValueError(f"{len(v)} validation tokens cannot fill one window of {seq_len}")
-        idx = torch.arange(n_win)[:, None] * seq_len + torch.arange(seq_len + 1)[None]  # consecutive windows
-        w = v[idx].to(device)
-        self.val = [(w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]) for i in range(0, n_win, batch_size)]
-        starts = torch.randint(0, len(self.train) - seq_len - 1, (n_win,), generator=torch.Generator().manual_seed(0))
-        t = self.train[starts.to(device)[:, None] + torch.arange(seq_len + 1, device=device)]
+            raise ValueError(f"{len(val)} validation tokens cannot fill one window of {seq_len}")
+        starts = data.sample_windows(len(val), n_win, seq_len, seed=seed)
+        starts = starts[np.random.default_rng(seed).permutation(n_win)]  # batches mix sources
+        self.val_starts = starts
+        x, y = data.windows(val, starts, seq_len, device=device)
+        self.val = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n_win, batch_size)]
+        self.source_names = source_names
+        self.val_src = None
+        if val_sources is not None:  # (n_win, seq_len) source of each target token
+            idx = starts[:, None] + 1 + np.arange(seq_len)[None, :]
+            src = torch.from_numpy(np.asarray(val_sources[idx], dtype=np.int64)).to(device)
+            self.val_src = [src[i:i + batch_size] for i in range(0, n_win, batch_size)]
+        tstarts = torch.randint(0, len(self.train) - seq_len - 1, (n_win,), generator=torch.Generator().manual_seed(seed))
+        t = self.train[tstarts.to(device)[:, None] + torch.arange(seq_len + 1, device=device)]
         self.train_eval = [(t[i:i + batch_size, :-1], t[i:i + batch_size, 1:]) for i in range(0, n_win, batch_size)]
 
     def sampler(self, seed: int):
@@ -674,6 +714,10 @@ class Corpus:
             return chunk[:, :-1], chunk[:, 1:]
 
         return next_batch
+
+    def sources_per_batch(self) -> list[int]:
+        """How many distinct sources each validation batch draws its tokens from (1 would be a source-ordered split)."""
+        return [int(s.unique().numel()) for s in self.val_src] if self.val_src is not None else []
 
 
 def max_violation(counts: torch.Tensor) -> float:
@@ -689,19 +733,29 @@ def _autocast(device):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None, split: str = "val") -> dict:
+def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None, split: str = "val",
+             per_source: bool = False) -> dict:
     """Loss on the validation batches (or on the fixed training windows, ``split="train"``); for an MoE also
-    the per-layer expert loads summed over the batches, the dropped share, and the gate mass (the mean
-    over tokens and layers of Σ_{i∈T} p_i(x), the weight with which the experts' output reaches the block)."""
+    the per-layer expert loads summed over the batches, the dropped share (capacity counted per batch of the
+    training batch size), and the gate mass (the mean over tokens and layers of Σ_{i∈T} p_i(x), the weight
+    with which the experts' output reaches the block). ``per_source``: also the loss per source."""
     model.eval()
     moe = model.moe_layers()
     for m in moe:
         m.capacity_factor = capacity_factor
     losses, counts, dropped, mass = [], 0, 0, []
-    for x, y in corpus.val if split == "val" else corpus.train_eval:
+    src_sum = src_n = None
+    batches = corpus.val if split == "val" else corpus.train_eval
+    for b, (x, y) in enumerate(batches):
         with _autocast(corpus.device):
-            ce, _ = model(x, y)
-        losses.append(ce)
+            ce, _ = model(x, y, reduction="none")
+        losses.append(ce.mean())
+        if per_source and split == "val" and corpus.val_src is not None:
+            k = len(corpus.source_names)
+            src = corpus.val_src[b].reshape(-1)
+            s_sum = torch.zeros(k, device=ce.device, dtype=torch.float64).index_add_(0, src, ce.double())
+            s_n = torch.zeros(k, device=ce.device, dtype=torch.float64).index_add_(0, src, torch.ones_like(ce, dtype=torch.float64))
+            src_sum, src_n = (s_sum, s_n) if src_sum is None else (src_sum + s_sum, src_n + s_n)
         if moe:
             counts = counts + torch.stack([m.counts for m in moe])
             dropped = dropped + torch.stack([m.n_dropped for m in moe]).sum()
@@ -710,12 +764,38 @@ def evaluate(model: GPT, corpus: Corpus, capacity_factor: float | None = None, s
         m.capacity_factor = model.cfg.capacity_factor
     model.train()
     out = {"loss": float(torch.stack(losses).mean())}
+    if src_sum is not None:
+        out["per_source"] = {name: float(sm / n) for name, sm, n in zip(corpus.source_names, src_sum.cpu(), src_n.cpu())
+                             if n > 0}
     if moe:
         out["counts"] = counts.cpu()  # (L, E)
         out["maxvio_global"] = max_violation(out["counts"])
         out["dropped_frac"] = float(dropped) / float(counts.sum())
         out["gate_mass"] = float(torch.stack(mass).mean())
     return out
+
+
+def dropped_per_batch(load: np.ndarray, top_k: int, capacity_factor: float) -> np.ndarray:
+    """The share of assignments that a capacity would have dropped in each recorded batch, from its loads.
+
+    ``load`` is (steps, L, E): assignments per expert of every layer in every training batch (a dropless
+    run records them). Switch eq. 3 counts capacity per batch: cap = ceil(k · T / E · factor) for a batch
+    of T tokens; an expert given c > cap assignments drops c - cap. Returns (steps,) dropped / assigned,
+    over all layers."""
+    load = np.asarray(load, dtype=np.int64)
+    n_assign = load.sum(axis=-1)  # (steps, L): k · T in every layer
+    E = load.shape[-1]
+    n_tok = n_assign[..., :1] // top_k  # (steps, 1)
+    cap = np.ceil(top_k * n_tok / E * capacity_factor).astype(np.int64)  # capacity(), vectorised
+    over = np.clip(load - cap[..., None], 0, None).sum(axis=(-1, -2))  # (steps,)
+    return over / n_assign.sum(axis=-1)
+
+
+def maxvio_per_batch(load: np.ndarray) -> np.ndarray:
+    """Wang et al.'s MaxVio_batch of every recorded batch, averaged over layers: (steps,)."""
+    load = np.asarray(load, dtype=np.float64)
+    mean = load.mean(axis=-1)
+    return ((load.max(axis=-1) - mean) / mean).mean(axis=-1)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -726,9 +806,10 @@ class TrainResult:
     name: str
     cfg: GPTConfig
     seed: int
+    lr: float = 0.0  # peak learning rate
     tokens: list[int] = field(default_factory=list)  # tokens seen at each evaluation
     val_loss: list[float] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)  # on the fixed training windows, same evaluations
+    train_loss: list[float] = field(default_factory=list)  # on the fixed training windows, at the end
     gate_mass: list[float] = field(default_factory=list)  # MoE: mean Σ gates per token on validation
     load: np.ndarray | None = None  # (steps, L, E) tokens per expert of each training batch
     final: dict = field(default_factory=dict)  # the last evaluation (loss, counts, maxvio_global, ...)
@@ -740,26 +821,36 @@ class TrainResult:
 
     def maxvio_batch(self) -> np.ndarray:
         """MaxVio of every training batch (Wang et al. MaxVio_batch), averaged over layers: (steps,)."""
-        mean = self.load.mean(axis=-1)
-        return ((self.load.max(axis=-1) - mean) / mean).mean(axis=-1)
+        return maxvio_per_batch(self.load)
 
     def summary(self) -> dict:
         """A JSON-serialisable record of the run (no model, no per-step loads)."""
-        out = {"name": self.name, "seed": self.seed, "tokens": self.tokens, "val_loss": self.val_loss,
+        out = {"name": self.name, "seed": self.seed, "lr": self.lr, "tokens": self.tokens, "val_loss": self.val_loss,
                "train_loss": self.train_loss, "gate_mass": self.gate_mass,
                "final_loss": self.final["loss"], "seconds": round(self.seconds, 2),
                "tokens_per_s": round(self.tokens_per_s), "diverged": self.diverged, "params": self.params,
                "config": {k: v for k, v in self.cfg.__dict__.items()}}
+        if "per_source" in self.final:
+            out["val_loss_per_source"] = self.final["per_source"]
         if "counts" in self.final:
             out["maxvio_global"] = self.final["maxvio_global"]
             out["val_counts"] = self.final["counts"].tolist()
         return out
 
 
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_frac: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_frac * lr`` at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup - 1)
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
 def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, seed: int, warmup: int = 50,
           eval_every: int = 25, weight_decay: float = 0.1, keep_model: bool = False, progress=None) -> TrainResult:
-    """AdamW, linear warm-up then a constant learning rate (so that loss-vs-tokens curves of different
-    models can be compared at any point), bf16 autocast on the GPU, gradient clipping at 1."""
+    """AdamW, linear warm-up then cosine decay to a tenth of the peak at the last step (``lr_at``; every run
+    gets the same token budget, so the schedule ends where the budget does), bf16 autocast on the GPU,
+    gradient clipping at 1. The loss on the fixed training windows and per source is taken at the end only."""
     device = corpus.device
     torch.manual_seed(seed)  # same seed, same initial weights for the same architecture
     model = GPT(cfg).to(device)
@@ -769,16 +860,17 @@ def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, s
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                             fused=torch.device(device).type == "cuda")
     next_batch = corpus.sampler(seed)
-    res = TrainResult(name, cfg, seed, params=param_counts(model))
+    res = TrainResult(name, cfg, seed, lr=lr, params=param_counts(model))
     moe, loads = model.moe_layers(), []
     tokens_per_step = corpus.batch_size * corpus.seq_len
     train_time = 0.0
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            ev = evaluate(model, corpus)
+            ev = evaluate(model, corpus, per_source=step == steps)
             res.tokens.append(step * tokens_per_step)
             res.val_loss.append(ev["loss"])
-            res.train_loss.append(evaluate(model, corpus, split="train")["loss"])
+            if step == steps:
+                res.train_loss.append(evaluate(model, corpus, split="train")["loss"])
             if moe:
                 res.gate_mass.append(ev["gate_mass"])
             res.final = ev
@@ -791,7 +883,7 @@ def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, s
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         x, y = next_batch()
         with _autocast(device):
             ce, aux = model(x, y)
@@ -816,6 +908,38 @@ def train(name: str, cfg: GPTConfig, corpus: Corpus, *, steps: int, lr: float, s
     if keep_model:
         res.model = model
     return res
+
+
+class Budget:
+    """A wall-clock budget for the notebook (the safety valve): a training run starts only if its expected
+    time, plus what the sections after it need (``reserve``), fits in what is left; otherwise the claims
+    that needed it are recorded as untested ("time budget") and the run still finishes and saves its ledger.
+    ``seconds`` <= 0 means no budget. ``t0`` is when the clock started (the run's start)."""
+
+    def __init__(self, seconds: float, t0: float | None = None, reserve: float = 0.0):
+        self.seconds, self.t0, self.reserve = seconds, time.time() if t0 is None else t0, reserve
+        self.skipped: list[str] = []
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def left(self) -> float:
+        return math.inf if self.seconds <= 0 else self.seconds - self.elapsed()
+
+    def fits(self, expected_s: float, what: str = "") -> bool:
+        ok = expected_s + self.reserve <= self.left()
+        if not ok and what:
+            self.skipped.append(what)
+        return ok
+
+
+def best_lr(final_losses: dict[float, float]) -> tuple[float, bool]:
+    """The learning rate of a bracket with the lowest final validation loss, and whether it lies inside the
+    bracket (not at its smallest or largest rate: then the optimum may lie outside what was tried)."""
+    lrs = sorted(final_losses)
+    finite = {lr: v for lr, v in final_losses.items() if math.isfinite(v)}
+    best = min(finite, key=finite.get) if finite else lrs[len(lrs) // 2]
+    return best, len(lrs) >= 3 and lrs[0] < best < lrs[-1]
 
 
 def tokens_to_target(tokens: list[int], losses: list[float], target: float) -> float | None:
@@ -920,7 +1044,7 @@ def moe_ffn(x: torch.Tensor, router: torch.Tensor, w1: torch.Tensor, w2: torch.T
 
 
 def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_k: int, device,
-                time_fn, seed: int = 0) -> dict:
+                time_fn, seed: int = 0, replicates: int = 5) -> dict:
     """Time one FFN layer, forward and forward+backward, bf16 on the GPU (fp32 on the CPU):
     the grouped MoE layer and the loop MoE layer (both with their fp32 router), and a dense FFN of
     width k·d_expert (the same active parameters). Also the experts alone (no router) under balanced and
@@ -928,7 +1052,10 @@ def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_
     On the GPU, grouped and dense forward + backward are also timed as CUDA-graph replays (``grouped_fwdbwd_graph``,
     ``dense_fwdbwd_graph``): the GPU's own time, which grouped-vs-dense grades. Eagerly, the grouped layer's
     many small kernels wait on the host's launch path at this size while the dense FFN's few large ones do not;
-    the loop syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times."""
+    the loop syncs with the host per expert and cannot be captured, so grouped-vs-loop compares eager times.
+    ``ratios`` holds the goals' replicates: ``replicates`` speed-ups of the grouped layer's forward + backward
+    over the dense FFN (graphed on the GPU, eager on the CPU) and over the loop (eager), each from its own
+    pair of timings, the two layers alternating (``repro_utils.bench.ratios``)."""
     t = _bench_tensors(n_tokens, d_model, d_expert, n_experts, top_k, device, seed)
     x, router, w1, w2, dy = t["x"], t["router"], t["w1"], t["w2"], t["dy"]
 
@@ -966,7 +1093,15 @@ def bench_layer(n_tokens: int, d_model: int, d_expert: int, n_experts: int, top_
                 timings[f"{name}_fwdbwd_graph"] = time_fn(fwd_bwd(f, params), graph=True).ms
             except RuntimeError as e:  # a host sync or a data-dependent shape: recorded, and the claim says so
                 graph_errors[name] = str(e).strip().splitlines()[0][:300]
-    return {"ms": timings, "graph_errors": graph_errors,
+    from repro_utils.bench import ratios
+
+    graphed = torch.device(device).type == "cuda" and not graph_errors
+    reps = {"grouped_vs_dense_fwdbwd": ratios(fwd_bwd(dense, dense_params), fwd_bwd(grouped, moe_params),
+                                              replicates=replicates, graph=graphed, timer=time_fn),
+            "grouped_vs_loop_fwdbwd": ratios(fwd_bwd(loop, moe_params), fwd_bwd(grouped, moe_params),
+                                             replicates=replicates, timer=time_fn),
+            "dense_graphed": graphed}
+    return {"ms": timings, "graph_errors": graph_errors, "ratios": reps,
             "tokens_per_s": {k: n_tokens / (v / 1e3) for k, v in timings.items() if not k.startswith("maxvio")}}
 
 

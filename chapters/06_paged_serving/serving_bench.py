@@ -25,12 +25,8 @@ Every timing comes with its replicates; nothing here grades: claims.yaml and the
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
+from repro_utils.bench import Parts, script_args, script_fingerprint, sync  # noqa: E402
 from tinyserve.engine import Engine  # noqa: E402
 from tinyserve.model import ModelConfig, build_model  # noqa: E402
 from tinyserve.scheduler import Sequence  # noqa: E402
@@ -68,11 +65,6 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
 }
 PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "block_sizes", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
          "dial"]
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def timed(fn, reps):
@@ -292,20 +284,6 @@ def serve(eng, reqs, reps, num_blocks=None, **policy):
     return {"policy": {**eng.policy, "num_blocks": eng.bm.num_blocks, "block_size": eng.block_size}, "runs": runs}
 
 
-def fingerprint(dev):
-    import transformers
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "git_commit": commit,
-            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS), reps: int = 3, workload_reps: int = 2,
             seed: int = 0, budget_s: float = 480.0, progress: bool = True) -> dict:
     """Every part in order; returns the results (and writes them to ``out`` after each part, if given)."""
@@ -314,47 +292,17 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
     if dev.type == "cpu" and not dry_run:
         raise RuntimeError("no GPU: use dry_run=True (a tiny model on the CPU)")
     s = SETTINGS["dry" if dry_run else "gpu"]
-    t_start = time.perf_counter()
     res = {"chapter": "06_paged_serving", "profile": "dry-run" if dry_run else "gpu", "settings": {
         k: (v if k != "hf_static" else {str(b): n for b, n in v.items()}) for k, v in s.items()},
-        "fingerprint": fingerprint(dev), "parts": {}, "notes": []}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save():
-        res["wall_s"] = time.perf_counter() - t_start
-        if out is not None:
-            out.write_text(json.dumps(res, indent=1, default=str))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(parts) + 1, desc="ch06", unit="part", disable=not progress)
-    bar.set_postfix_str("setup")
+        "fingerprint": script_fingerprint(dev, ROOT, ("triton", "transformers")), "parts": {}, "notes": []}
+    part = Parts(res, parts, out=out, budget_s=budget_s, desc="ch06", progress=progress)
     dtype = torch.bfloat16
     hf = make_hf(s["model"], dtype, dev, seed)
     model = build_model(ModelConfig.from_hf(hf.config), hf.state_dict(), dtype=dtype, device=dev)
     cfg = model.cfg
     res["model"] = {"params": sum(p.numel() for p in model.parameters()), "weight_bytes_read_per_step": weight_bytes(model),
                     "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype), "dtype": "bf16", "weights": "random N(0, 0.02), seeded"}
-    bar.update(1)
-
-    def part(name, fn):
-        if name not in parts:
-            return
-        if time.perf_counter() - t_start > budget_s:
-            res["parts"][name] = {"skipped": f"time budget of {budget_s:.0f} s spent", "part_wall_s": 0.0}
-            bar.update(1)
-            return
-        bar.set_postfix_str(name)
-        t = time.perf_counter()
-        try:
-            res["parts"][name] = fn()
-        except Exception as e:  # one failed part must not lose the others
-            res["parts"][name] = {"error": f"{type(e).__name__}: {e}"}
-        res["parts"][name]["part_wall_s"] = time.perf_counter() - t
-        save()
-        bar.update(1)
+    part.setup_done()
 
     part("bandwidth", lambda: {"bytes_per_s": copy_bandwidth(dev, reps, 4 << 30 if dev.type == "cuda" else 64 << 20),
                                "method": "tensor.copy_ of 4 GiB bf16 (2 x bytes per copy time), synchronised wall time"})
@@ -451,26 +399,14 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
         return out
 
     part("dial", dial)
-    bar.close()
-    save()
+    part.close()
     return res
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    ap.add_argument("--reps", type=int, default=3, help="replicates of every microbenchmark")
-    ap.add_argument("--workload-reps", type=int, default=2, help="replicates of each full-trace run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=480.0,
-                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
-    args = ap.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}")
+    args, parts = script_args(__doc__, PARTS, budget_s=480.0, reps_help="replicates of every microbenchmark", argv=argv,
+                              extra=lambda ap: ap.add_argument("--workload-reps", type=int, default=2,
+                                                               help="replicates of each full-trace run"))
     res = measure(dry_run=args.dry_run, out=args.out, parts=parts, reps=args.reps, workload_reps=args.workload_reps,
                   seed=args.seed, budget_s=args.budget_s)
     print(f"wrote {args.out} in {res['wall_s']:.1f} s")

@@ -4,6 +4,7 @@
     PYTHONPATH=$PWD/src python3 chapters/07_prefix_caching/prefix_bench.py --dry-run --out /tmp/ch07_dry.json  # CPU
 
 Parts, in order (each writes the JSON again when it ends, so a run cut short keeps what it measured):
+  floors      the GPU's copy bandwidth and bf16 matmul rate, measured here: the physical floor under a prefill
   hit_rates   every workload through the scheduler without a model (exact: hits depend on token ids, lengths
               and policy only): hashed blocks vs radix tree, FCFS vs cache-aware, against the optimal (union trie);
               with the engine's whole pool and at the vLLM paper's 15.7K KV slots
@@ -15,16 +16,12 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
               reservation without sharing, paging without sharing, paging + hashed prefix blocks
   pressure    eviction: (a) several system prompts taking turns in a pool that holds about one and a half of
               them; (b) the agent loop in a pool smaller than its agents' contexts; hit rates and throughput
-Every timing has its replicates; nothing here grades: claims.draft.yaml (later the notebook) does.
+Every timing has its replicates; nothing here grades: claims.yaml and the notebook do.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ sys.path.insert(0, str(HERE))
 
 import workloads as wl  # noqa: E402
 
+from repro_utils.bench import Parts, script_args, script_fingerprint, sync  # noqa: E402
 from tinyserve.engine import Engine  # noqa: E402
 from tinyserve.model import ModelConfig, build_model  # noqa: E402
 from tinyserve.scheduler import simulate_rounds  # noqa: E402
@@ -72,12 +70,29 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 pressure_prompts=dict(prompts=4, system_len=48, per_prompt=3, suffix=(8, 12), new_tokens=3),
                 few_shot=dict(n=8, query=(5, 9), new_tokens=3), few_shot_slots=1024),
 }
-PARTS = ["hit_rates", "ttft", "agent", "control", "few_shot", "pressure"]
+PARTS = ["floors", "hit_rates", "ttft", "agent", "control", "few_shot", "pressure"]
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def floors(dev, reps: int, nbytes: int = 4 * 2**30, n: int = 8192) -> dict:
+    """What the hardware allows, timed in this run: bytes per second of a large device-to-device copy (read +
+    write) and bf16 FLOP/s of an n x n x n matmul, ``reps`` medians each. A prefill of t tokens can take no less
+    than max(weight bytes / bandwidth, 2 x weights x t / matmul rate)."""
+    if dev.type != "cuda":
+        return {"skipped": "the floors are measured on a GPU only"}
+    from triton.testing import do_bench
+
+    def measure(src, dst, a, b):
+        out = {"copy_bytes": 2 * nbytes, "matmul_n": n, "copy_bytes_per_s": [], "matmul_flop_per_s": []}
+        for _ in range(reps):
+            out["copy_bytes_per_s"].append(2 * nbytes / (do_bench(lambda: dst.copy_(src), return_mode="median") / 1e3))
+            out["matmul_flop_per_s"].append(2 * n**3 / (do_bench(lambda: a @ b, return_mode="median") / 1e3))
+        return out
+
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    out = measure(x, torch.empty_like(x), *(torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2)))
+    del x
+    torch.cuda.empty_cache()  # give the buffers back before the engine's runs
+    return out
 
 
 def rounds_of(w: wl.Workload):
@@ -218,18 +233,6 @@ def pressure(eng, s, reps, vocab, seed) -> dict:
     return out
 
 
-def fingerprint(dev):
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "python": platform.python_version(), "git_commit": commit, "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS), reps: int = 3, seed: int = 0,
             budget_s: float = 450.0, progress: bool = True) -> dict:
     """Every part in order; returns the results (and writes them to ``out`` after each part, if given)."""
@@ -238,22 +241,9 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
     if dev.type == "cpu" and not dry_run:
         raise RuntimeError("no GPU: use dry_run=True (a tiny model on the CPU)")
     s = SETTINGS["dry" if dry_run else "gpu"]
-    t_start = time.perf_counter()
     res = {"chapter": "07_prefix_caching", "profile": "dry-run" if dry_run else "gpu", "settings": s,
-           "fingerprint": fingerprint(dev), "parts": {}, "notes": []}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save():
-        res["wall_s"] = time.perf_counter() - t_start
-        if out is not None:
-            out.write_text(json.dumps(res, indent=1, default=str))
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(parts) + 1, desc="ch07", unit="part", disable=not progress)
-    bar.set_postfix_str("setup")
+           "fingerprint": script_fingerprint(dev, ROOT), "parts": {}, "notes": []}
+    part = Parts(res, parts, out=out, budget_s=budget_s, desc="ch07", progress=progress)
     dtype = torch.bfloat16
     cfg = ModelConfig(**s["model"])
     model = build_model(cfg, seed=seed, dtype=dtype, device=dev)
@@ -261,30 +251,21 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
     eng = Engine(model, num_blocks=num_blocks, block_size=BLOCK, max_num_seqs=256, max_model_len=s["max_model_len"],
                  cuda_graphs=dev.type == "cuda", backend="triton" if dev.type == "cuda" else "torch")
     res["model"] = {"params": sum(p.numel() for p in model.parameters()), "dtype": "bf16",
+                    # what every prefill reads once (all weights but the embedding table, of which it gathers rows)
+                    "weight_bytes": sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                        if not n.startswith("embed_tokens")),
+                    "lm_head_params": model.lm_head.weight.numel(), "layers": cfg.num_hidden_layers,
+                    "hidden": cfg.hidden_size,
+                    "layer_params": sum(p.numel() for n, p in model.named_parameters()
+                                        if not n.startswith(("embed_tokens", "lm_head"))),
                     "weights": "random N(0, 0.02), seeded", "kv_bytes_per_token": cfg.kv_bytes_per_token(dtype)}
     res["engine"] = {"num_blocks": num_blocks, "slots": num_blocks * BLOCK, "block_size": BLOCK, "backend": eng.backend,
                      "max_num_batched_tokens": eng.policy["max_num_batched_tokens"]}
-    bar.update(1)
+    part.setup_done()
     vocab = cfg.vocab_size
 
-    def part(name, fn):
-        if name not in parts:
-            return
-        if time.perf_counter() - t_start > budget_s:
-            res["parts"][name] = {"skipped": f"time budget of {budget_s:.0f} s spent", "part_wall_s": 0.0}
-            bar.update(1)
-            return
-        bar.set_postfix_str(name)
-        t = time.perf_counter()
-        try:
-            res["parts"][name] = fn()
-        except Exception as e:  # one failed part must not lose the others
-            res["parts"][name] = {"error": f"{type(e).__name__}: {e}"}
-        res["parts"][name]["part_wall_s"] = time.perf_counter() - t
-        save()
-        bar.update(1)
-
     loads = wl.all_workloads(s["scale"], vocab=vocab, seed=seed)
+    part("floors", lambda: floors(dev, reps))
     part("hit_rates", lambda: {"ample": hit_rates(loads, num_blocks, s["max_model_len"]),  # the engine's whole pool
                                # where eviction can bite: vLLM's 13B/A100-40GB slot count (gpu), a small pool (dry)
                                "paper_slots": hit_rates(loads, s["few_shot_slots"] // BLOCK, s["max_model_len"]),
@@ -298,8 +279,7 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
                                                   ["oracle", "off", "hash"], num_blocks=s["few_shot_slots"] // BLOCK)
                               for k in (1, 5)})
     part("pressure", lambda: pressure(eng, s, reps, vocab, seed))
-    bar.close()
-    save()
+    part.close()
     return res
 
 
@@ -336,19 +316,7 @@ def summary(res: dict) -> list[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    ap.add_argument("--reps", type=int, default=3, help="replicates of every timing")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
-    args = ap.parse_args(argv)
-    parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        ap.error(f"unknown parts {sorted(unknown)}")
+    args, parts = script_args(__doc__, PARTS, budget_s=450.0, argv=argv)
     res = measure(dry_run=args.dry_run, out=args.out, parts=parts, reps=args.reps, seed=args.seed,
                   budget_s=args.budget_s)
     failed = {k: v.get("error") or v.get("skipped") for k, v in res["parts"].items() if "error" in v or "skipped" in v}

@@ -63,16 +63,18 @@ def ratio(baseline: Timing, candidate: Timing) -> float:
 
 
 def ratios(baseline: Callable[[], object], candidate: Callable[[], object], *, replicates: int = 5,
-           graph: bool = False, **kw) -> list[float]:
+           graph: bool = False, timer: Callable[..., Timing] | None = None, **kw) -> list[float]:
     """Replicates of a speed-up: ``replicates`` ratios baseline/candidate, each from its own pair of timings,
     baseline and candidate alternating so that drift in clocks or host load hits both. These are the
-    ``values`` a speed claim's interval is formed from (one median pair does not make an interval)."""
+    ``values`` a speed claim's interval is formed from (one median pair does not make an interval).
+    ``timer`` replaces ``time_fn`` (a chapter that takes its timer as an argument passes it on)."""
     if replicates < 1:
         raise ValueError(f"replicates must be at least 1, not {replicates}")
+    timer = timer or time_fn
     out = []
     for _ in range(replicates):
-        b = time_fn(baseline, graph=graph, **kw)
-        c = time_fn(candidate, graph=graph, **kw)
+        b = timer(baseline, graph=graph, **kw)
+        c = timer(candidate, graph=graph, **kw)
         out.append(ratio(b, c))
     return out
 
@@ -87,3 +89,116 @@ def peak_memory(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+# ---------------------------------------------------------------------------------------------- measurement scripts
+# A chapter's measurement script (chapters 06, 07) runs its parts in order inside one GPU call and writes JSON that
+# its notebook reads. What they share lives here: the parts runner, the fingerprint and the command line.
+
+def sync() -> None:
+    """Wait for the GPU, where there is one."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def script_fingerprint(device, root, packages=("triton",)) -> dict:
+    """Where a script's numbers come from: device, library versions, the git commit of ``root``, the start time."""
+    import importlib
+    import platform
+    import subprocess
+    import time
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            **{p: importlib.import_module(p).__version__ for p in packages},
+            "python": platform.python_version(), "git_commit": commit, "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class Parts:
+    """A script's measurement parts, run in order under one wall-clock budget. Each part's result (a dict), or its
+    error, or "skipped" once ``budget_s`` seconds have passed since the script started, goes into
+    ``res["parts"][name]`` with its wall time (``part_wall_s``); ``res`` (with ``wall_s``) is written to ``out`` as
+    JSON after every part, so a run cut short keeps what it measured. A tqdm bar counts the setup and the parts."""
+
+    def __init__(self, res: dict, names, *, out=None, budget_s: float = float("inf"), desc: str = "parts",
+                 progress: bool = True):
+        import time
+        from pathlib import Path
+
+        from tqdm.auto import tqdm
+
+        self.t_start = time.perf_counter()
+        self.res, self.names, self.budget_s = res, list(names), budget_s
+        res.setdefault("parts", {})
+        self.out = None if out is None else Path(out)
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=len(self.names) + 1, desc=desc, unit="part", disable=not progress)
+        self.bar.set_postfix_str("setup")
+
+    def setup_done(self) -> None:
+        self.bar.update(1)
+
+    def save(self) -> None:
+        import json
+        import time
+
+        self.res["wall_s"] = time.perf_counter() - self.t_start
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.res, indent=1, default=str))
+
+    def __call__(self, name: str, fn: Callable[[], dict]) -> None:
+        import time
+
+        if name not in self.names:
+            return
+        parts = self.res["parts"]
+        if time.perf_counter() - self.t_start > self.budget_s:
+            parts[name] = {"skipped": f"time budget of {self.budget_s:.0f} s spent", "part_wall_s": 0.0}
+            self.bar.update(1)
+            return
+        self.bar.set_postfix_str(name)
+        t = time.perf_counter()
+        try:
+            parts[name] = fn()
+        except Exception as e:  # one failed part must not lose the others
+            parts[name] = {"error": f"{type(e).__name__}: {e}"}
+        parts[name]["part_wall_s"] = time.perf_counter() - t
+        self.save()
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.save()
+
+
+def script_args(doc: str, parts, *, budget_s: float, reps_help: str = "replicates of every timing", extra=None,
+                argv=None):
+    """The command line every measurement script shares: --out, --dry-run, --parts, --reps, --seed, --budget-s, and
+    what ``extra(parser)`` adds. Returns (args, the parts asked for, validated)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
+    ap.add_argument("--parts", default=",".join(parts), help="comma-separated subset of " + ",".join(parts))
+    ap.add_argument("--reps", type=int, default=3, help=reps_help)
+    if extra is not None:
+        extra(ap)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=budget_s,
+                    help="skip the parts not yet started once this many seconds have passed (the JSON says which)")
+    args = ap.parse_args(argv)
+    chosen = [p for p in args.parts.split(",") if p]
+    unknown = set(chosen) - set(parts)
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}")
+    return args, chosen

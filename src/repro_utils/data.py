@@ -101,7 +101,7 @@ def documents(split: str, *, corpus: str = "corpus", max_docs: int | None = None
         ds = datasets.load_dataset("json", data_files={split: str(f)}, split=split)
         n = len(ds) if max_docs is None else min(max_docs, len(ds))
         for row in ds.select(range(n)):
-            yield row["source"], row["text"]
+            yield row.get("source") or corpus, row["text"]  # a folder built without sources is one source
         return
     ds = datasets.load_dataset(*FINEWEB, split="train", streaming=True)
     taken = 0

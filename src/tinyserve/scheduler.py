@@ -35,6 +35,7 @@ from enum import Enum
 from .block_manager import BlockManager, KVAccount
 from .prefix_cache import HashPrefixCache
 from .radix_cache import RadixCache
+from .radix_cache import _common as _common_prefix  # length of the common prefix of two token lists
 
 
 class Status(Enum):
@@ -279,14 +280,6 @@ def simulate(lengths: list[tuple[int, int]], num_blocks: int, block_size: int = 
             sched.bm.check([s.block_table for s in sched.running] + [s.block_table for s in sched.waiting])
     assert not sched.has_work(), "the scheduler stopped with work left"
     return sched
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def simulate_rounds(rounds: list[list[tuple[list[int], int]]], num_blocks: int, block_size: int = 16,
