@@ -102,6 +102,22 @@ def test_held_out_problems_exclude_seen_questions(problems):
     assert len(test) == 30 and not seen & {e["question"] for e in test}
 
 
+def test_problem_sets_follow_the_task_parameters_and_stay_disjoint():
+    # the notebook's problem sets, from the chapter's parameters: one generator setting for all four, none overlapping
+    P = resolve(load_chapter(CHAPTER).parameters, {"profile": "smoke", "max_terms": 5, "min_digits": 2,
+                                                   "max_digits": 4}, cuda=False)
+    sets = G.problem_sets(P, seed=0)
+    assert {k: len(v) for k, v in sets.items()} == {"rl": 8, "sft_pool": 5120, "test": 8, "val": 128}
+    meta = [e["metadata"] for v in sets.values() for e in v]
+    assert {m["num_digits"] for m in meta} == {2, 3, 4} and {m["num_terms"] for m in meta} == {2, 3, 4, 5}
+    q = {k: {e["question"] for e in v} for k, v in sets.items()}
+    assert not (q["test"] & (q["rl"] | q["sft_pool"])) and not (q["val"] & (q["rl"] | q["sft_pool"] | q["test"]))
+    # the declared defaults give the chapter's setting as before
+    P = resolve(load_chapter(CHAPTER).parameters, {"profile": "smoke"}, cuda=False)
+    assert G.chapter_task(P) == G.TASKS["chain_sum"]
+    assert G.describe_task(G.chapter_task(P)) == "2-4 terms of 1-3 digits"
+
+
 def test_char_tokenizer_round_trips_a_solution(problems):
     tok = G.char_tokenizer()
     text = G.prompt_of(problems[2]) + G.worked_solution(problems[2])
@@ -229,7 +245,7 @@ def test_check_against_trl_agrees_with_our_math(tmp_path, problems, loss_type):
                                  {"max_digits": 0}, {"budget_s": 1.0}, {"filler_prob": 1.0},
                                  {"eval_samples": 100}, {"policy": "gpt2"}, {"task": "countdown"},
                                  {"beta": -0.1}, {"max_completion_length": "64"}, {"learning_rate": 1e-4},
-                                 {"sft_target": 1.5}])
+                                 {"sft_target": 1.5}, {"max_terms": 7}, {"min_digits": 0}, {"max_digits": 6}])
 def test_bad_parameters_fail_before_anything_runs(bad):
     params = load_chapter(CHAPTER).parameters
     with pytest.raises(ParameterError):

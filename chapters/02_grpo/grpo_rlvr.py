@@ -3,10 +3,12 @@
 The trainer is TRL's ``GRPOTrainer`` (trl 1.16); this module holds what the chapter wraps around it and what the
 library hides:
 
-1. the task and its verifier: reasoning-gym problems, worked solutions for supervised warm-up, and reasoning-gym's own
-   scorer as the reward (``make_problems``, ``worked_solution``, ``score``, ``make_reward_fn``);
+1. the task and its verifier: reasoning-gym problems from one generator setting (``task_config``, ``problem_sets``),
+   worked solutions for supervised warm-up, and reasoning-gym's own scorer as the reward (``make_problems``,
+   ``worked_solution``, ``score``, ``make_reward_fn``);
 2. the policy when the hub is out of reach: a character tokenizer and a small Llama that the chapter trains itself
-   (``char_tokenizer``, ``tiny_policy``, ``sft``); and the hub path (``load_hub_policy``, ``gsm8k_problems``);
+   (``char_tokenizer``, ``tiny_policy``, ``sft``, ``warm_up``); and the hub path (``load_hub_policy``,
+   ``gsm8k_problems``);
 3. the GRPO math, written from the papers, to be compared with TRL's numbers: the group advantage
    (``group_advantages``), the clipped surrogate with its KL term (``grpo_loss``), and a check that both equal what
    TRL computes inside a real step (``check_against_trl``);
@@ -37,6 +39,7 @@ from transformers import TrainerCallback
 # 2-4 terms of 1 to ``max_digits`` digits. With 3 digits the small policy's warm-up plateaus well short of always
 # right (carries, borrows, signs across three digits), so a converged start still leaves room for RL, and held-out
 # pass@256 sits below the ceiling. The chapter's earlier runs used 1-2 digits (pass@256 96.5%: a ceiling).
+# The chapter's parameters max_terms, min_digits and max_digits override these (``task_config``).
 TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=3)}
 # The answer format reasoning-gym's own prompts ask for, read back by reasoning_gym.utils.extract_answer.
 INSTRUCTION = "Give the final answer as <answer>NUMBER</answer>."
@@ -50,13 +53,38 @@ CHECK_PROB = 0.5
 FILLER = "let me see"
 
 
+def task_config(task: str = "chain_sum", **overrides) -> dict:
+    """The generator settings of ``task``: ``TASKS[task]`` with ``overrides`` (None keeps the default), checked, so
+    that a bad setting fails here with its name rather than inside reasoning-gym."""
+    cfg = dict(TASKS[task])
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ValueError(f"{task} has no setting {unknown[0]!r}; its settings: {', '.join(cfg)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    for lo, hi in (("min_terms", "max_terms"), ("min_digits", "max_digits")):
+        if not 1 <= cfg[lo] <= cfg[hi]:
+            raise ValueError(f"{task}: need 1 <= {lo} <= {hi}, got {lo} = {cfg[lo]}, {hi} = {cfg[hi]}")
+    return cfg
+
+
+def chapter_task(P: dict) -> dict:
+    """chain_sum's generator settings from the chapter's parameters ``P`` (min_terms stays 2)."""
+    return task_config("chain_sum", max_terms=P["max_terms"], min_digits=P["min_digits"], max_digits=P["max_digits"])
+
+
+def describe_task(cfg: dict) -> str:
+    """The setting in words, e.g. "2-4 terms of 1-3 digits"."""
+    return f"{cfg['min_terms']}-{cfg['max_terms']} terms of {cfg['min_digits']}-{cfg['max_digits']} digits"
+
+
 def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] | frozenset = frozenset(),
-                  max_digits: int | None = None) -> list[dict]:
+                  **config) -> list[dict]:
     """``n`` reasoning-gym problems (dicts with question, answer, metadata), none whose question is in ``exclude``.
-    ``max_digits`` overrides the task's default (3 for chain_sum)."""
+    ``config`` overrides the task's generator settings (``task_config``; for chain_sum min_terms, max_terms,
+    min_digits, max_digits)."""
     import reasoning_gym
 
-    cfg = dict(TASKS[task], **({"max_digits": max_digits} if max_digits else {}))
+    cfg = task_config(task, **config)
     out: list[dict] = []
     size = n
     while len(out) < n:  # overshoot, then drop excluded questions (held-out sets must not repeat training ones)
@@ -64,6 +92,21 @@ def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] 
         out = [e for e in ds if e["question"] not in exclude][:n]
         size *= 2
     return out
+
+
+def problem_sets(P: dict, seed: int) -> dict[str, list[dict]]:
+    """The chapter's chain_sum problems for run seed ``seed``, all from one generator setting (``chapter_task``), each
+    set from its own seed: ``rl`` (the GRPO prompts, and the length-bias runs'), ``sft_pool`` (the warm-up's worked
+    solutions; none for a hub policy), ``test`` (the held-out problems of pass@k: no question of rl or sft_pool) and
+    ``val`` (the warm-up's probe: no question of the other three)."""
+    cfg = chapter_task(P)
+    rl = make_problems(max(P["grpo_steps"], P["length_steps"]) * P["prompts_per_step"], seed=1000 + seed, **cfg)
+    sft_pool = ([] if P["policy"] != "scratch" else
+                make_problems(max(2000, min(50_000, 128 * P["sft_steps"])), seed=2000 + seed, **cfg))
+    seen = {e["question"] for e in rl + sft_pool}
+    test = make_problems(P["eval_problems"], seed=3000 + seed, exclude=seen, **cfg)
+    val = make_problems(128, seed=4000 + seed, exclude=seen | {e["question"] for e in test}, **cfg)
+    return {"rl": rl, "sft_pool": sft_pool, "test": test, "val": val}
 
 
 def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | None = None,
@@ -254,6 +297,56 @@ def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: 
             if stop:
                 break
     return [float(v) for v in torch.stack(losses).cpu()] if losses else []
+
+
+# The warm-up's probe: samples per validation problem (and the share of zero-signal groups among them).
+PROBE_SAMPLES = 16
+
+
+def eval_settings(P: dict, prompt_fn=prompt_of, hub: bool = False) -> dict:
+    """The keyword arguments of every ``evaluate`` in the chapter: ``eval_temperature`` with top-p 0.95 (Yue et al.'s
+    protocol), up to ``max_completion_length`` new tokens, batches of 16,384 sequences (512 for a hub model)."""
+    return dict(temperature=P["eval_temperature"], top_p=0.95, max_new_tokens=P["max_completion_length"],
+                prompt_fn=prompt_fn, batch_size=512 if hub else 16384)
+
+
+@dataclass
+class WarmUp:
+    """What ``warm_up`` returns: the losses, the probe curve (step, pass@1, zero-signal share), the seconds from the
+    first step to the last (probes included, the step-0 probe not), and the probe's size."""
+
+    losses: list[float]
+    curve: list[tuple[int, float, float]]
+    seconds: float
+    probe_problems: int
+    probe_group: int
+
+
+def warm_up(model, tokenizer, pool: list[dict], val: list[dict], P: dict, *, device, seed: int,
+            eval_kw: dict) -> WarmUp:
+    """The chapter's supervised warm-up of the scratch policy: ``sft`` over ``P["sft_steps"]`` cosine steps at
+    ``P["sft_lr"]`` (batches of 256 worked solutions on a GPU, 32 on the CPU), probed before the first step and every
+    150 steps (on the CPU twice in all) on the validation problems (all of them on a GPU, 8 on the CPU) with
+    ``PROBE_SAMPLES`` samples each. A positive ``P["sft_target"]`` stops it at the first probe whose pass@1 reaches it.
+    The probes reseed torch's global generator (``sample``), which the training does not use: it draws its batches
+    from its own generator and the policy has no dropout, so the probes do not change the trained weights."""
+    cuda = torch.device(device).type == "cuda"
+    model.to(device)
+    probe_set = val if cuda else val[:8]
+    group = min(P["group_size"], PROBE_SAMPLES)
+    curve = []
+
+    def probe(step):
+        ev = evaluate(model, tokenizer, probe_set, PROBE_SAMPLES, **eval_kw, seed=step)
+        curve.append((step, ev.pass1, zero_signal_share(ev.correct, PROBE_SAMPLES, group)))
+        return P["sft_target"] > 0 and ev.pass1 >= P["sft_target"]  # True stops the warm-up here (0: never)
+
+    probe(0)
+    t0 = time.perf_counter()
+    losses = sft(model, tokenizer, pool, steps=P["sft_steps"], batch_size=256 if cuda else 32, lr=P["sft_lr"],
+                 seed=seed, device=device, callback=probe, every=150 if cuda else max(1, P["sft_steps"] // 2),
+                 filler_prob=P["filler_prob"])
+    return WarmUp(losses, curve, time.perf_counter() - t0, len(probe_set), group)
 
 
 # The online path (full profile, hub reachable): an instruct model and GSM8K. Not run on the offline H100.
