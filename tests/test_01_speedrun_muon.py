@@ -524,7 +524,7 @@ def test_claims_and_parameters_validate():
     p = resolve(ch.parameters, {"profile": "smoke"}, cuda=False)
     assert p["vocab"] < 50304 and p["bench"] == "tiny"
     g = resolve(ch.parameters, {"profile": "gpu"}, cuda=True)
-    assert g["tokens"] >= 20_000_000 and g["n_seeds"] >= 3 and set(g["parts"]) == {"arch", "bench"}
+    assert g["tokens"] >= 20_000_000 and g["n_seeds"] >= 3 and set(g["parts"]) == {"arch", "polar", "bench"}
 
 
 @pytest.mark.parametrize("bad", [

@@ -99,6 +99,23 @@ def test_a_grade_change_between_commits_needs_a_dated_correction(course):
     assert check(course) == []
 
 
+def test_a_second_devices_ledger_is_not_read_as_the_firsts_next_version(course):
+    """git log --follow takes a new file that closely resembles an old one for a rename: the H200 ledger of a
+    chapter, added beside its H100 one, must not inherit the H100's grades as its own earlier version."""
+    first = gpu_ledger(course, needs_gpu=1.2)  # H100: Not reproduced
+    git_commit(course, "an H100 run")
+    data = json.loads(first.read_text())
+    data["fingerprint"]["device"] = "NVIDIA H200"
+    data["claims"][1]["measured"]["value"] = 1.8  # Reproduced on the second device
+    data["claims"][1]["grade"] = "Reproduced"
+    second = ledger.path_for(course, data)
+    assert second != first
+    ledger.write(second, data)
+    scoreboard.write(course)
+    git_commit(course, "an H200 run beside it")
+    assert not any("went from" in p for p in check(course)), check(course)
+
+
 def test_an_uncommitted_grade_change_needs_one_too(course):
     gpu_ledger(course, needs_gpu=1.8)
     git_commit(course, "first gpu run")

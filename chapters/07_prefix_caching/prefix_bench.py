@@ -167,7 +167,28 @@ def interleaved(eng, w, reps, arms, num_blocks=None) -> dict:
 def ttft(eng, s, reps, vocab, seed) -> dict:
     """Time to first token of one request alone (the step's whole wall time: scheduling, matching, copy, prefill,
     sampling). cold: no cache; cached_*: an earlier request with the same system prompt and another suffix has
-    finished, so its prefix is in the cache; suffix_only: the suffix alone, no system prompt, no cache."""
+    finished, so its prefix is in the cache; suffix_only: the suffix alone, no system prompt, no cache.
+
+    host_s times the host's share of the same step: scheduling and input preparation, then the forward call until
+    it returns to Python, i.e. until every kernel of the prefill is queued (nothing in it waits for the GPU). When
+    host_s is close to the TTFT, the GPU was waiting for the CPU: the step is launch-bound."""
+    launch = []
+    model_forward = eng.forward
+
+    def forward_timed(*a, **k):  # the engine's own forward, with the time until it returns recorded
+        t = time.perf_counter()
+        h = model_forward(*a, **k)
+        launch.append(time.perf_counter() - t)
+        return h
+
+    eng.forward = forward_timed  # an instance attribute shadows the method; deleted again below
+    try:
+        return _ttft_rows(eng, s, reps, vocab, seed, launch)
+    finally:
+        del eng.forward
+
+
+def _ttft_rows(eng, s, reps, vocab, seed, launch) -> dict:
     import random
 
     out = {}
@@ -179,7 +200,12 @@ def ttft(eng, s, reps, vocab, seed) -> dict:
 
         system = tok(system_len)
         rows = {k: [] for k in ("cold", "cached_hash", "cached_radix", "suffix_only")}
+        host = {k: [] for k in rows}
         hits = {}
+
+        def host_s():  # the last step: scheduling + input preparation, plus the forward call until it returned
+            return eng.step_log[-1][3] + launch[-1]
+
         for r in range(reps + 1):  # replicate 0 warms up (Triton compiles per shape)
             suffix = tok(rng.randint(*s["ttft_suffix"]))
             target = Request(system + suffix, 1)
@@ -191,13 +217,16 @@ def ttft(eng, s, reps, vocab, seed) -> dict:
                 seq = eng.run([target])[0]
                 if r:
                     rows[name].append(seq.token_times[0] - seq.arrival)
+                    host[name].append(host_s())
                     if kind:
                         hits[name] = eng.scheduler.cache_stats["cached_tokens"] - system_len  # beyond the prompt
             eng.reset(prefix_cache=None, cache_aware=False)
+            sync()
             seq = eng.run([Request(suffix, 1)])[0]
             if r:
                 rows["suffix_only"].append(seq.token_times[0] - seq.arrival)
-        out[str(system_len)] = {"system_len": system_len, "ttft_s": rows,
+                host["suffix_only"].append(host_s())
+        out[str(system_len)] = {"system_len": system_len, "ttft_s": rows, "host_s": host,
                                 "cached_tokens_beyond_system": hits,  # 0 means exactly the system prompt was reused
                                 "cold_over_cached_hash": [a / b for a, b in zip(rows["cold"], rows["cached_hash"])],
                                 "cached_hash_over_suffix": [a / b for a, b in zip(rows["cached_hash"], rows["suffix_only"])]}

@@ -126,7 +126,16 @@ def ledger_versions(root: Path, rel: str) -> list[tuple[str, dict]]:
         cur = json.loads(f.read_text())
         if not out or out[-1][1] != cur:
             out.append(("working tree", cur))
+    # --follow also "finds" a rename where a new device's ledger was merely added beside an older one that it
+    # resembles (04's H200 ledger after its H100 one): a ledger's history is its own device's only
+    if out:
+        device = _device(out[-1][1])
+        out = [(label, data) for label, data in out if _device(data) == device]
     return out
+
+
+def _device(data: dict) -> str | None:
+    return (data.get("fingerprint") or {}).get("device")
 
 
 DATED = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")

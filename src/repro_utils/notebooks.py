@@ -176,7 +176,7 @@ def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
 | profile | where | time |
 |---|---|---|
 | `smoke` | any CPU (CI, Colab's CPU runtime); correctness only, speed claims grade *Unverified* | ~{m['smoke']} min |
-| `gpu` | one GPU; the outputs on this page come from an H100 or H200 | ~{m['gpu']} min on an H100 |
+| `gpu` | one GPU; the outputs on this page come from an H100 or H200 | ~{m['gpu']} min on an H100 or H200 |
 | `full` | the claims' own scale, where one machine holds it | {full} |
 
 **Minimum GPU for the `gpu` profile: compute capability {cc:.1f}** ({meta['min_gpu_why']}). Colab's free T4
