@@ -40,10 +40,10 @@ def test_every_setting_fits_the_policy_and_its_longest_solution():
         assert sampled <= C.longest_solution(cfg) <= P["max_completion_length"], name
         assert max(len(G.prompt_of(e)) for e in problems) <= C.longest_prompt(cfg)
         assert C.longest_prompt(cfg) + P["max_completion_length"] <= C.positions() == 256
-    # the declared default is left as it is: 2-4 terms of 1-3 digits, max_completion_length 128
+    # the setting declared from the calibration (2-4 terms of 2-5 digits) is the default, at max_completion_length 152
     P = C.setting_params({})
-    assert G.chapter_task(P) == G.TASKS["chain_sum"] and P["max_completion_length"] == 128
-    assert C.SETTINGS["t2-4_d1-3"] == {k: P[k] for k in ("max_terms", "min_digits", "max_digits")}
+    assert G.chapter_task(P) == G.TASKS["chain_sum"] and P["max_completion_length"] == 152
+    assert C.SETTINGS["t2-4_d2-5"] == {k: P[k] for k in ("max_terms", "min_digits", "max_digits")}
 
 
 @pytest.mark.parametrize("bad", [{"max_terms": 6, "max_digits": 5},   # 348 tokens: past the policy's 256 positions
@@ -93,7 +93,7 @@ def test_dry_run_writes_the_json_and_the_budget_skips_what_would_not_fit(tmp_pat
     assert got["parts"].keys() == {"t2-4_d1-5", "huge"} and got["profile"] == "dry-run"
     assert got["settings"]["t2-4_d1-5"] == {"max_terms": 4, "min_digits": 1, "max_digits": 5,
                                             "max_completion_length": 152}  # as the GPU runs it
-    assert got["parameters"]["max_digits"] == 3 and got["window"] == {"pass1": [0.3, 0.6], "pass_kmax": [0.6, 0.8]}
+    assert got["parameters"]["max_digits"] == 5 and got["window"] == {"pass1": [0.3, 0.6], "pass_kmax": [0.6, 0.8]}
     r = got["parts"]["t2-4_d1-5"]
     assert "error" not in r and "skipped" not in r, r
     n, kmax = C.DRY["eval_problems"], C.DRY["eval_samples"]

@@ -115,7 +115,7 @@ def test_problem_sets_follow_the_task_parameters_and_stay_disjoint():
     # the declared defaults give the chapter's setting as before
     P = resolve(load_chapter(CHAPTER).parameters, {"profile": "smoke"}, cuda=False)
     assert G.chapter_task(P) == G.TASKS["chain_sum"]
-    assert G.describe_task(G.chapter_task(P)) == "2-4 terms of 1-3 digits"
+    assert G.describe_task(G.chapter_task(P)) == "2-4 terms of 2-5 digits"
 
 
 def test_char_tokenizer_round_trips_a_solution(problems):
@@ -267,8 +267,9 @@ def test_profiles_resolve_and_notebook_declares_the_parameters():
     for prof in ("smoke", "gpu", "full"):
         assert resolve(ch.parameters, {"profile": prof}, cuda=prof != "smoke")["replicates"] >= max(declared)
     assert smoke["replicates"] == gpu["replicates"] == max(declared)
-    # the gpu profile must end inside one 600 s device call with 60-90 s of machine start: the notebook's budget
-    assert gpu["budget_s"] <= 450
+    # the gpu profile must end inside one 600 s device command (the machine's start is not counted; the wheels' install
+    # and the kernel's start take ~30 s, and scripts/gpu-box.sh runs under timeout 585): the notebook's budget
+    assert gpu["budget_s"] <= 520
     # the length-bias test as the claim declares it: room to grow, no KL pull, >= 150 steps (full)
     full = resolve(ch.parameters, {"profile": "full"}, cuda=True)
     assert full["length_max_completion"] >= 256 and full["length_beta"] == 0 and full["length_steps"] >= 150

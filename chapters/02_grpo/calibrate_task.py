@@ -41,7 +41,7 @@ only orders them (the measurement replaces it):
   t2-4_d1-4  one more digit class: the mild end (guess ~0.65 / ~0.87)
   t2-4_d3-5  3-5 digits only: the hard end (guess ~0.3 / ~0.6)
   t2-5_d1-3  one more term, digits as declared: the terms axis, expected to lower pass@1 and leave pass@256 high
-  t2-4_d1-3  the declared default, last: if time is left, a check that this script reproduces the notebook's start
+  t2-4_d1-3  the setting declared before this calibration, last: if time is left, a check that this script reproduces the notebook's start
              (8f8ced7: pass@1 0.791, pass@256 0.965)
 Each setting's max_completion_length is the declared one (128) or its longest worked solution with every line checked,
 plus eos, rounded up to 8, whichever is larger (a completion cut short scores 0), and its longest prompt plus that
@@ -100,7 +100,7 @@ SETTINGS = {  # name: the chapter parameters it changes (max_completion_length f
     "t2-4_d1-4": dict(max_terms=4, min_digits=1, max_digits=4),
     "t2-4_d3-5": dict(max_terms=4, min_digits=3, max_digits=5),
     "t2-5_d1-3": dict(max_terms=5, min_digits=1, max_digits=3),
-    "t2-4_d1-3": dict(max_terms=4, min_digits=1, max_digits=3),  # the declared default
+    "t2-4_d1-3": dict(max_terms=4, min_digits=1, max_digits=3),  # declared before this calibration
 }
 CHANGED = ("max_terms", "min_digits", "max_digits", "max_completion_length")
 # A dry run: the smoke profile made smaller still, so that a setting takes seconds on a 2-core CPU (the smoke profile's
@@ -108,7 +108,7 @@ CHANGED = ("max_terms", "min_digits", "max_digits", "max_completion_length")
 DRY = dict(model_dim=32, model_layers=1, sft_steps=4, eval_problems=4, eval_samples=4, max_completion_length=24)
 WINDOW = {"pass1": (0.30, 0.60), "pass_kmax": (0.60, 0.80)}  # issue 17's target for the converged start
 BUDGET_S = 480.0  # + ~15 s of imports and ~15 s of wheel install: inside 9 minutes
-# The H200 call at 8f8ced7 (prelim/h200-8f8ced7-calibration.json): problems 8 s; warm-up 65 s for 1,200 steps with
+# The H200 call at 8f8ced7 (calibration/h200-8f8ced7-one-seed-ledger.json): problems 8 s; warm-up 65 s for 1,200 steps with
 # its probes (53 s) and the step-0 probe; the start's evaluation 24 s for 200 problems x 256 samples x 128 tokens;
 # a seed of the graded protocol 96 s at max_completion_length 128; the notebook's other sections ~26 s.
 H200 = dict(problems_s=8.0, warm_up_s=65.0, warm_up_steps=1200, eval_s=24.0, eval_tokens=200 * 256 * 128,
