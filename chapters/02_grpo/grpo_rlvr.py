@@ -36,9 +36,10 @@ from transformers import TrainerCallback
 # ---------------------------------------------------------------------------------------------------------------
 
 # reasoning-gym's chain_sum: "State the final answer to the following arithmetic problem: 12 + 45 - 67 =".
-# 2-4 terms of 1 to ``max_digits`` digits. With 3 digits the small policy's warm-up plateaus well short of always
-# right (carries, borrows, signs across three digits), so a converged start still leaves room for RL, and held-out
-# pass@256 sits below the ceiling. The chapter's earlier runs used 1-2 digits (pass@256 96.5%: a ceiling).
+# 2-4 terms of 2-5 digits, declared from a start-only calibration (calibrate_task.py; calibration/ holds its
+# record): carries and borrows across up to five digits keep the converged warm-up short of always right (pass@1
+# about 0.6-0.7), though pass@256 stays near 0.9 at every setting tried. Earlier runs used 1-2 and 1-3 digits
+# (pass@256 96.5%: a ceiling).
 # The chapter's parameters max_terms, min_digits and max_digits override these (``task_config``).
 TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=2, max_digits=5)}  # declared 2026-12-04 (claims.yaml)
 # The answer format reasoning-gym's own prompts ask for, read back by reasoning_gym.utils.extract_answer.
