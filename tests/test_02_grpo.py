@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,9 +70,9 @@ def test_longest_checked_solution_fits_the_gpu_completion_length():
     gpu = resolve(load_chapter(CHAPTER).parameters, {"profile": "gpu"}, cuda=True)
     longest = max(len(G.worked_solution(e, check_prob=1.0)) + 1 for e in G.make_problems(20_000, seed=11))
     assert longest <= gpu["max_completion_length"]
-    # the bound by construction: first term < 100, three steps of +-99
-    worst = {"question": "q", "answer": "-287",
-             "metadata": {"expression": "10 - 99 - 99 - 99", "source_dataset": "chain_sum"}}
+    # the bound by construction: a 3-digit first term, three steps of -999
+    worst = {"question": "q", "answer": "-2897",
+             "metadata": {"expression": "100 - 999 - 999 - 999", "source_dataset": "chain_sum"}}
     assert len(G.worked_solution(worst, check_prob=1.0)) + 1 <= gpu["max_completion_length"]
 
 
@@ -85,10 +86,11 @@ def test_reward_function_has_trl_signature_and_logs_lengths(problems):
     assert out == [1.0, 0.0, 0.0]
     ref = len(G.worked_solution(e)) + 1
     assert log == [{"step": 0, "lengths": [5, 7, 2], "ref_lengths": [ref] * 3, "checks": [0, 0, 0],
-                    "rewards": [1.0, 0.0, 0.0]}]
+                    "fillers": [0, 0, 0], "rewards": [1.0, 0.0, 0.0]}]
     rel = G.lengths_by_outcome(log)
     assert rel["correct_rel"] == [5 / ref] and rel["incorrect_rel"] == [pytest.approx(4.5 / ref)]
     assert rel["checks_correct"] == [0.0] and rel["checks_incorrect"] == [0.0]
+    assert rel["fillers_correct"] == [0.0] and rel["fillers_incorrect"] == [0.0]
     chat = fn(completions=[[{"role": "assistant", "content": completions[0]}]], completion_ids=[[1]],
               entry=[json.dumps(e)])
     assert chat == [1.0]
@@ -98,6 +100,22 @@ def test_held_out_problems_exclude_seen_questions(problems):
     seen = {e["question"] for e in problems}
     test = G.make_problems(30, seed=7, exclude=seen)    # the same seed would repeat every question
     assert len(test) == 30 and not seen & {e["question"] for e in test}
+
+
+def test_problem_sets_follow_the_task_parameters_and_stay_disjoint():
+    # the notebook's problem sets, from the chapter's parameters: one generator setting for all four, none overlapping
+    P = resolve(load_chapter(CHAPTER).parameters, {"profile": "smoke", "max_terms": 5, "min_digits": 2,
+                                                   "max_digits": 4}, cuda=False)
+    sets = G.problem_sets(P, seed=0)
+    assert {k: len(v) for k, v in sets.items()} == {"rl": 8, "sft_pool": 5120, "test": 8, "val": 128}
+    meta = [e["metadata"] for v in sets.values() for e in v]
+    assert {m["num_digits"] for m in meta} == {2, 3, 4} and {m["num_terms"] for m in meta} == {2, 3, 4, 5}
+    q = {k: {e["question"] for e in v} for k, v in sets.items()}
+    assert not (q["test"] & (q["rl"] | q["sft_pool"])) and not (q["val"] & (q["rl"] | q["sft_pool"] | q["test"]))
+    # the declared defaults give the chapter's setting as before
+    P = resolve(load_chapter(CHAPTER).parameters, {"profile": "smoke"}, cuda=False)
+    assert G.chapter_task(P) == G.TASKS["chain_sum"]
+    assert G.describe_task(G.chapter_task(P)) == "2-4 terms of 2-5 digits"
 
 
 def test_char_tokenizer_round_trips_a_solution(problems):
@@ -223,10 +241,11 @@ def test_check_against_trl_agrees_with_our_math(tmp_path, problems, loss_type):
 
 # --- parameters -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [{"grpo_steps": 0}, {"group_size": 1}, {"loss_types": ["ppo"]},
+@pytest.mark.parametrize("bad", [{"grpo_steps": 0}, {"group_size": 1}, {"loss_types": ["ppo"]}, {"replicates": 2},
+                                 {"max_digits": 0}, {"budget_s": 1.0}, {"filler_prob": 1.0},
                                  {"eval_samples": 100}, {"policy": "gpt2"}, {"task": "countdown"},
                                  {"beta": -0.1}, {"max_completion_length": "64"}, {"learning_rate": 1e-4},
-                                 {"sft_target": 1.5}])
+                                 {"sft_target": 1.5}, {"max_terms": 7}, {"min_digits": 0}, {"max_digits": 6}])
 def test_bad_parameters_fail_before_anything_runs(bad):
     params = load_chapter(CHAPTER).parameters
     with pytest.raises(ParameterError):
@@ -242,6 +261,19 @@ def test_profiles_resolve_and_notebook_declares_the_parameters():
     gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True)
     assert smoke["policy"] == gpu["policy"] == "scratch" and set(gpu["loss_types"]) == {"grpo", "dr_grpo"}
     assert gpu["eval_samples"] == 256                     # pass@256, as in Yue et al.
+    # every profile runs as many seeds as the claims and goals declare: a gpu run with fewer is refused by
+    # run.finish(), and the smoke run must exercise the same recording code with the same counts
+    declared = {c.replicates for c in ch.claims if c.replicates} | {g.replicates for g in ch.goals if g.replicates}
+    for prof in ("smoke", "gpu", "full"):
+        assert resolve(ch.parameters, {"profile": prof}, cuda=prof != "smoke")["replicates"] >= max(declared)
+    assert smoke["replicates"] == gpu["replicates"] == max(declared)
+    # the gpu profile must end inside one 600 s device command (the machine's start is not counted; the wheels' install
+    # and the kernel's start take ~30 s, and scripts/gpu-box.sh runs under timeout 585): the notebook's budget
+    assert gpu["budget_s"] <= 520
+    # the length-bias test as the claim declares it: room to grow, no KL pull, >= 150 steps (full)
+    full = resolve(ch.parameters, {"profile": "full"}, cuda=True)
+    assert full["length_max_completion"] >= 256 and full["length_beta"] == 0 and full["length_steps"] >= 150
+    assert full["filler_prob"] > 0
     assert set(notebook_parameters(ch.notebook)) == set(COMMON) | set(ch.parameters)
 
 
@@ -254,3 +286,123 @@ def test_sampling_leaves_the_model_in_its_mode(problems):
     model.eval()
     G.sample(model, tok, [G.prompt_of(problems[0])], 1, temperature=1.0, max_new_tokens=5)
     assert not model.training
+
+
+# --- issue 17: the binary reward, the length channel, paired intervals, pass@k below the ceiling ------------------
+
+def test_binary_reward_drops_reasoning_gyms_partial_credit(problems):
+    e = problems[3]
+    padded = f"<answer>{e['answer']}7</answer>"          # the right answer with a digit appended: wrong
+    assert 0 < G.score(padded, e) < 1                      # reasoning-gym pays partial credit for it ...
+    assert G.binary_reward(padded, e) == 0.0               # ... the reward GRPO trains on does not
+    assert G.binary_reward(f"<answer>{e['answer']}</answer>", e) == 1.0
+    assert G.binary_reward(G.worked_solution(e, 1.0), e) == 1.0
+    log: list = []
+    assert G.make_reward_fn(log)(completions=[padded], completion_ids=[[1]], entry=[json.dumps(e)]) == [0.0]
+
+
+def test_fillers_are_optional_lines_free_of_correctness(problems):
+    import random
+
+    e = {"question": "q", "answer": "-10", "metadata": {"expression": "12 + 45 - 67", "source_dataset": "chain_sum"}}
+    rng = random.Random(0)
+    sols = [G.worked_solution(e, G.CHECK_PROB, rng, filler_prob=0.5) for _ in range(2000)]
+    # a filler never changes the verdict, never counts as a check, and carries no digits
+    assert all(G.binary_reward(s, e) == 1.0 for s in sols)
+    assert not any(ch.isdigit() or ch in ";<>" for ch in G.FILLER)
+    assert all(G.count_checks(s) == G.count_checks(s.replace(G.FILLER + "\n", "")) for s in sols)
+    # geometric count per line: mean p / (1 - p) = 1 at p = 0.5, two lines -> 2 per solution (+-0.1: 2,000 draws, sd 1.4)
+    assert sum(G.count_fillers(s) for s in sols) / len(sols) == pytest.approx(2.0, abs=0.1)
+    assert max(G.count_fillers(s) for s in sols) >= 8      # unbounded in principle: the tail reaches far
+    assert G.worked_solution(e, 0.5, random.Random(1)) == G.worked_solution(e, 0.5, random.Random(1), 0.0)
+    assert G.count_fillers(f"1+2=3\n{G.FILLER}\n{G.FILLER}\n<answer>3</answer>\n{G.FILLER}") == 2  # before the answer
+    assert all(G.binary_reward(G.worked_solution(x, 1.0, random.Random(2), 0.7), x) == 1.0 for x in problems)
+
+
+def test_length_channel_is_logged_by_outcome(problems):
+    e = problems[4]
+    log: list = []
+    right = G.worked_solution(e) .replace("\n<answer>", f"\n{G.FILLER}\n<answer>")
+    wrong = f"{G.FILLER}\n{G.FILLER}\n{G.FILLER}\n<answer>{int(e['answer']) + 1}</answer>"
+    G.make_reward_fn(log)(completions=[right, wrong], completion_ids=[[1] * len(right), [1] * len(wrong)],
+                          entry=[json.dumps(e)] * 2)
+    L = G.lengths_by_outcome(log)
+    assert L["fillers_correct"] == [1.0] and L["fillers_incorrect"] == [3.0]
+    assert L["incorrect"] == [float(len(wrong))]
+
+
+def test_pass_at_k_below_the_ceiling():
+    # one correct sample of n: pass@k = k / n exactly (the chance that the one right sample is among k drawn)
+    for k in (1, 2, 64, 128):
+        assert G.pass_at_k(256, 1, k) == pytest.approx(k / 256, rel=1e-12)
+    assert G.pass_at_k(256, 0, 256) == 0.0 and G.pass_at_k(256, 1, 256) == 1.0
+    assert G.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)   # 1 - C(2,2)/C(4,2)
+    # over problems, pass@256 with n = 256 is the share of problems solved at least once: 60% here, not a ceiling
+    correct = np.array([0] * 40 + [1] * 20 + [50] * 40)
+    P = G.pass_k_per_problem(correct, 256, [1, 256])
+    assert P[:, 1].mean() == pytest.approx(0.6) and P[:, 0].mean() == pytest.approx((20 + 40 * 50) / 256 / 100)
+
+
+def test_paired_pass_k_interval():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 33, 200)                           # correct counts of 32 samples, 200 problems
+    same = G.paired_pass_k(a, 32, a, 32, [1, 32], seed=0)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())  # a policy against itself: exactly zero, no spread
+    b = np.minimum(a + 3, 32)                              # three more right samples on every problem
+    d, lo, hi = G.paired_pass_k(b, 32, a, 32, [1], seed=0)[1]
+    assert lo > 0 and lo <= d <= hi
+    # pairing: the paired interval is far narrower than the spread of either policy's own pass@1 over problems
+    own_lo, own_hi = G.bootstrap_ci(a / 32, seed=0)
+    assert hi - lo < 0.3 * (own_hi - own_lo)
+    # different sample counts per arm (GRPO n = 256, SFT n = 32) are allowed: pass@1 is unbiased at any n
+    d2 = G.paired_pass_k(np.full(10, 128), 256, np.full(10, 8), 32, [1], seed=0)[1]
+    assert d2 == pytest.approx((0.25, 0.25, 0.25))
+
+
+def test_crossover_k_with_its_interval():
+    ks = [1, 2, 4, 8, 16]
+    # RL: sharp on 50 problems (all right), never right on 50; start: right 1 in 16 samples on all 100 problems
+    rl = np.array([16] * 50 + [0] * 50)
+    start = np.array([1] * 100)
+    c = G.crossover_k(start, rl, 16, ks, seed=0)
+    # start pass@k = k/16: 0.0625, 0.125, 0.25, 0.5, 1.0 against RL's 0.5 at every k -> it catches up at k = 8
+    assert c["k"] == 8 and c["log2_k"] == 3
+    assert c["lo"] <= 3 <= c["hi"] and c["hi"] <= 4
+    never = G.crossover_k(np.zeros(10, int), np.full(10, 8), 16, ks, seed=0)
+    assert never["k"] is None and never["log2_k"] == 5 == never["lo"] == never["hi"]  # 5 = log2(16) + 1: beyond
+
+
+def test_budget_marks_sections_and_refuses_past_the_end():
+    now = [100.0]
+    b = G.Budget(50, t0=90.0, clock=lambda: now[0])
+    assert b.elapsed() == 10 and b.allows(40) and not b.allows(41)
+    now[0] = 125.0
+    assert b.mark("first") == 25 and b.sections == {"first": 25}
+    now[0] = 141.0
+    assert not b.allows() and b.mark("second") == 16
+
+
+def test_short_replicates_finds_what_finish_would_refuse():
+    def entry(cid, values, need, control=None, spec_control=False):
+        m = {"setting": "s", "values": values}
+        if control is not None:
+            m["control"] = {"setting": "c", "values": control}
+        d = {"replicates": need, **({"control": {"what": "w"}} if spec_control else {})}
+        return {"id": cid, "declared": d, "measured": m}
+
+    ok = {"claims": [entry("a", [1, 2, 3], 3, [1, 1, 1], True), {"id": "u", "declared": {"replicates": 3},
+                                                                  "measured": {"why_untested": "budget"}}],
+          "goals": [entry("g", [1, 2, 3], 3)]}
+    assert G.short_replicates(ok) == []
+    bad = {"claims": [entry("a", [1, 2], 3), entry("b", [1, 2, 3], 3, [1], True)], "goals": [entry("g", [1] * 4, 3)]}
+    assert G.short_replicates(bad) == ["a: 2 values, 3 declared", "b (control): 1 values, 3 declared",
+                                       "g: 4 values, 3 declared"]
+
+
+def test_continued_sft_arm_keeps_its_learning_rate(problems):
+    tok = G.char_tokenizer()
+    model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0)
+    losses = G.sft(model, tok, problems, steps=3, batch_size=4, lr=1e-3, schedule="constant", filler_prob=0.3)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ValueError):
+        G.sft(model, tok, problems, steps=1, batch_size=2, lr=1e-3, schedule="linear")

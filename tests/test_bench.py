@@ -60,6 +60,21 @@ def test_parts_records_results_errors_and_the_budget_and_saves_after_each_part(t
     assert all("part_wall_s" in v for v in got["parts"].values()) and got["wall_s"] >= 0
 
 
+def test_parts_skip_a_part_whose_expected_time_would_overrun_the_budget(tmp_path):
+    """``need_s``: a part that would not end inside the budget is skipped before it starts, with its numbers."""
+    from repro_utils.bench import Parts
+
+    res = {}
+    part = Parts(res, ["a", "b", "c"], out=tmp_path / "r.json", budget_s=100, progress=False)
+    ran = []
+    part("a", lambda: ran.append("a") or {}, need_s=1.0)
+    part("b", lambda: ran.append("b") or {}, need_s=1000.0)
+    part("c", lambda: ran.append("c") or {})
+    part.close()
+    assert ran == ["a", "c"]
+    assert res["parts"]["b"]["skipped"].startswith("time budget: would not fit (needs about 1000 s")
+
+
 def test_script_args_refuse_unknown_parts_and_take_extras(capsys):
     import pytest
 
@@ -68,6 +83,8 @@ def test_script_args_refuse_unknown_parts_and_take_extras(capsys):
     args, parts = script_args("doc", ["a", "b"], budget_s=10.0, argv=["--out", "x.json", "--parts", "b"],
                               extra=lambda ap: ap.add_argument("--workload-reps", type=int, default=2))
     assert parts == ["b"] and args.workload_reps == 2 and args.budget_s == 10.0 and not args.dry_run
+    assert args.reps == 3 and not hasattr(script_args("doc", ["a"], budget_s=1.0, reps_help=None,
+                                                      argv=["--out", "x"])[0], "reps")  # a script without replicates
     with pytest.raises(SystemExit):
         script_args("doc", ["a"], budget_s=1.0, argv=["--out", "x", "--parts", "a,zz"])
     assert "unknown parts" in capsys.readouterr().err

@@ -3,10 +3,12 @@
 The trainer is TRL's ``GRPOTrainer`` (trl 1.16); this module holds what the chapter wraps around it and what the
 library hides:
 
-1. the task and its verifier: reasoning-gym problems, worked solutions for supervised warm-up, and reasoning-gym's own
-   scorer as the reward (``make_problems``, ``worked_solution``, ``score``, ``make_reward_fn``);
+1. the task and its verifier: reasoning-gym problems from one generator setting (``task_config``, ``problem_sets``),
+   worked solutions for supervised warm-up, and reasoning-gym's own scorer as the reward (``make_problems``,
+   ``worked_solution``, ``score``, ``make_reward_fn``);
 2. the policy when the hub is out of reach: a character tokenizer and a small Llama that the chapter trains itself
-   (``char_tokenizer``, ``tiny_policy``, ``sft``); and the hub path (``load_hub_policy``, ``gsm8k_problems``);
+   (``char_tokenizer``, ``tiny_policy``, ``sft``, ``warm_up``); and the hub path (``load_hub_policy``,
+   ``gsm8k_problems``);
 3. the GRPO math, written from the papers, to be compared with TRL's numbers: the group advantage
    (``group_advantages``), the clipped surrogate with its KL term (``grpo_loss``), and a check that both equal what
    TRL computes inside a real step (``check_against_trl``);
@@ -34,35 +36,89 @@ from transformers import TrainerCallback
 # ---------------------------------------------------------------------------------------------------------------
 
 # reasoning-gym's chain_sum: "State the final answer to the following arithmetic problem: 12 + 45 - 67 =".
-# 2-4 terms of 1-2 digits: a small model learns most of it from worked solutions within the gpu budget, not all
-# (carries, borrows, signs), so that RL starts from a policy that is right on some samples of most problems.
-TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2)}
+# 2-4 terms of 2-5 digits, declared from a start-only calibration (calibrate_task.py; calibration/ holds its
+# record): carries and borrows across up to five digits keep the converged warm-up short of always right (pass@1
+# about 0.6-0.7), though pass@256 stays near 0.9 at every setting tried. Earlier runs used 1-2 and 1-3 digits
+# (pass@256 96.5%: a ceiling).
+# The chapter's parameters max_terms, min_digits and max_digits override these (``task_config``).
+TASKS = {"chain_sum": dict(min_terms=2, max_terms=4, min_digits=2, max_digits=5)}  # declared 2026-12-04 (claims.yaml)
 # The answer format reasoning-gym's own prompts ask for, read back by reasoning_gym.utils.extract_answer.
 INSTRUCTION = "Give the final answer as <answer>NUMBER</answer>."
 # Share of the warm-up's solution steps that carry a check (the inverse operation): the policy learns that a check
 # is optional, so the length of its answers is its own choice, which is what the length-bias claim needs.
 CHECK_PROB = 0.5
+# The length channel that is free of correctness: a filler line that says nothing and changes nothing. In the warm-up
+# data each step is followed by a geometric number of them (continue with probability ``filler_prob``), so the policy
+# learns that their count is its own choice, without a bound short of max_completion_length. A filler has no digits,
+# no ';' and no tags: it can neither change the answer nor be mistaken for a check.
+FILLER = "let me see"
 
 
-def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] | frozenset = frozenset()) -> list[dict]:
-    """``n`` reasoning-gym problems (dicts with question, answer, metadata), none whose question is in ``exclude``."""
+def task_config(task: str = "chain_sum", **overrides) -> dict:
+    """The generator settings of ``task``: ``TASKS[task]`` with ``overrides`` (None keeps the default), checked, so
+    that a bad setting fails here with its name rather than inside reasoning-gym."""
+    cfg = dict(TASKS[task])
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ValueError(f"{task} has no setting {unknown[0]!r}; its settings: {', '.join(cfg)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    for lo, hi in (("min_terms", "max_terms"), ("min_digits", "max_digits")):
+        if not 1 <= cfg[lo] <= cfg[hi]:
+            raise ValueError(f"{task}: need 1 <= {lo} <= {hi}, got {lo} = {cfg[lo]}, {hi} = {cfg[hi]}")
+    return cfg
+
+
+def chapter_task(P: dict) -> dict:
+    """chain_sum's generator settings from the chapter's parameters ``P`` (min_terms stays 2)."""
+    return task_config("chain_sum", max_terms=P["max_terms"], min_digits=P["min_digits"], max_digits=P["max_digits"])
+
+
+def describe_task(cfg: dict) -> str:
+    """The setting in words, e.g. "2-4 terms of 1-3 digits"."""
+    return f"{cfg['min_terms']}-{cfg['max_terms']} terms of {cfg['min_digits']}-{cfg['max_digits']} digits"
+
+
+def make_problems(n: int, seed: int, task: str = "chain_sum", exclude: set[str] | frozenset = frozenset(),
+                  **config) -> list[dict]:
+    """``n`` reasoning-gym problems (dicts with question, answer, metadata), none whose question is in ``exclude``.
+    ``config`` overrides the task's generator settings (``task_config``; for chain_sum min_terms, max_terms,
+    min_digits, max_digits)."""
     import reasoning_gym
 
+    cfg = task_config(task, **config)
     out: list[dict] = []
     size = n
     while len(out) < n:  # overshoot, then drop excluded questions (held-out sets must not repeat training ones)
-        ds = reasoning_gym.create_dataset(task, size=size + len(exclude) // 4 + 8, seed=seed, **TASKS[task])
+        ds = reasoning_gym.create_dataset(task, size=size + len(exclude) // 4 + 8, seed=seed, **cfg)
         out = [e for e in ds if e["question"] not in exclude][:n]
         size *= 2
     return out
 
 
-def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | None = None) -> str:
+def problem_sets(P: dict, seed: int) -> dict[str, list[dict]]:
+    """The chapter's chain_sum problems for run seed ``seed``, all from one generator setting (``chapter_task``), each
+    set from its own seed: ``rl`` (the GRPO prompts, and the length-bias runs'), ``sft_pool`` (the warm-up's worked
+    solutions; none for a hub policy), ``test`` (the held-out problems of pass@k: no question of rl or sft_pool) and
+    ``val`` (the warm-up's probe: no question of the other three)."""
+    cfg = chapter_task(P)
+    rl = make_problems(max(P["grpo_steps"], P["length_steps"]) * P["prompts_per_step"], seed=1000 + seed, **cfg)
+    sft_pool = ([] if P["policy"] != "scratch" else
+                make_problems(max(2000, min(50_000, 128 * P["sft_steps"])), seed=2000 + seed, **cfg))
+    seen = {e["question"] for e in rl + sft_pool}
+    test = make_problems(P["eval_problems"], seed=3000 + seed, exclude=seen, **cfg)
+    val = make_problems(128, seed=4000 + seed, exclude=seen | {e["question"] for e in test}, **cfg)
+    return {"rl": rl, "sft_pool": sft_pool, "test": test, "val": val}
+
+
+def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | None = None,
+                    filler_prob: float = 0.0) -> str:
     """The step-by-step solution the small policy imitates before RL, one partial sum per line.
 
     With ``check_prob`` 0 (the terse solution, the reference for lengths): ``12+45=57\n57-67=-10\n<answer>-10</answer>``.
     Otherwise each line, with probability ``check_prob``, also undoes its step as a check: ``12+45=57; 57-45=12``.
     A check never changes the answer; it only makes the solution longer (about 1.4x with every line checked).
+    With ``filler_prob`` > 0, each line is followed by ``FILLER`` lines, one more each time with probability
+    ``filler_prob`` (a geometric count, mean filler_prob / (1 - filler_prob)): length without arithmetic.
     """
     tokens = entry["metadata"]["expression"].split()
     acc, lines = int(tokens[0]), []
@@ -72,6 +128,8 @@ def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | N
         if check_prob and (rng or random).random() < check_prob:
             line += f"; {new}{'-' if op == '+' else '+'}{x}={acc}"
         lines.append(line)
+        while filler_prob and (rng or random).random() < filler_prob:
+            lines.append(FILLER)
         acc = new
     assert str(acc) == entry["answer"], (entry, acc)
     return "\n".join(lines) + f"\n<answer>{entry['answer']}</answer>"
@@ -80,6 +138,11 @@ def worked_solution(entry: dict, check_prob: float = 0.0, rng: random.Random | N
 def count_checks(completion: str) -> int:
     """How many lines of a completion carry a check."""
     return completion.split("<answer>")[0].count(";")
+
+
+def count_fillers(completion: str) -> int:
+    """How many filler lines a completion writes before its answer."""
+    return sum(line.strip() == FILLER for line in completion.split("<answer>")[0].splitlines())
 
 
 def prompt_of(entry: dict) -> str:
@@ -109,6 +172,15 @@ def score(completion: str, entry: dict) -> float:
     return float(_scorer(source)(answer, entry))
 
 
+def binary_reward(completion: str, entry: dict) -> float:
+    """The reward GRPO trains on: 1.0 when reasoning-gym scores the answer exactly right, else 0.0.
+
+    reasoning-gym's chain_sum scorer pays partial credit len(oracle)/len(answer) when the right answer is a substring
+    of a wrong one ("<answer>2237</answer>" for 223 scores 0.75): a reward that pays for padding a wrong answer with
+    digits. The chapter's text promises "1 for a correct final answer, 0 otherwise", and this is that reward."""
+    return 1.0 if score(completion, entry) == 1.0 else 0.0
+
+
 def reference_length(entry: dict) -> float:
     """Tokens of the terse worked solution (no checks) plus eos, for the character tokenizer (NaN where the task
     has none): the yardstick of the length-bias measurement."""
@@ -118,19 +190,20 @@ def reference_length(entry: dict) -> float:
 
 
 def make_reward_fn(log: list):
-    """A TRL reward function ``(completions, completion_ids, entry, **kwargs) -> list[float]`` that scores with
-    reasoning-gym and appends, for each generation batch, the step, the completion lengths (tokens), the lengths of
-    the problems' terse worked solutions, the checks written and the rewards to ``log``: the record behind the
-    length-bias plots."""
+    """A TRL reward function ``(completions, completion_ids, entry, **kwargs) -> list[float]``: the binary reward
+    (``binary_reward``), and, appended to ``log`` for each generation batch, the step, the completion lengths
+    (tokens), the lengths of the problems' terse worked solutions, the checks and fillers written and the rewards: the
+    record behind the length-bias plots."""
 
     def reasoning_gym_reward(completions, completion_ids, entry, trainer_state=None, **kwargs):
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # plain or chat completions
         entries = [json.loads(e) for e in entry]
-        rewards = [score(t, e) for t, e in zip(texts, entries)]
+        rewards = [binary_reward(t, e) for t, e in zip(texts, entries)]
         log.append({"step": trainer_state.global_step if trainer_state is not None else len(log),
                     "lengths": [len(ids) for ids in completion_ids],
                     "ref_lengths": [reference_length(e) for e in entries],
-                    "checks": [count_checks(t) for t in texts], "rewards": rewards})
+                    "checks": [count_checks(t) for t in texts], "fillers": [count_fillers(t) for t in texts],
+                    "rewards": rewards})
         return rewards
 
     return reasoning_gym_reward
@@ -168,13 +241,14 @@ def tiny_policy(tokenizer, d_model: int = 256, n_layers: int = 4, seed: int = 0)
     return model
 
 
-def encode_sft(tokenizer, entries: list[dict], device="cpu", check_prob: float = CHECK_PROB, seed: int = 0):
-    """Tokenize prompt + worked solution (each line checked with probability ``check_prob``) + eos once,
-    right-padded: (input_ids, attention_mask, labels), where labels are -100 on the prompt and the padding (the prompt
-    is context, not a target)."""
+def encode_sft(tokenizer, entries: list[dict], device="cpu", check_prob: float = CHECK_PROB, seed: int = 0,
+               filler_prob: float = 0.0):
+    """Tokenize prompt + worked solution (each line checked with probability ``check_prob``, followed by fillers at
+    ``filler_prob``) + eos once, right-padded: (input_ids, attention_mask, labels), where labels are -100 on the prompt
+    and the padding (the prompt is context, not a target)."""
     rng = random.Random(seed)
     prompts = tokenizer([prompt_of(e) for e in entries])["input_ids"]
-    sols = tokenizer([worked_solution(e, check_prob, rng) for e in entries])["input_ids"]
+    sols = tokenizer([worked_solution(e, check_prob, rng, filler_prob) for e in entries])["input_ids"]
     T = max(len(p) + len(c) + 1 for p, c in zip(prompts, sols))
     x = torch.full((len(entries), T), tokenizer.pad_token_id)
     y = torch.full((len(entries), T), -100)
@@ -186,18 +260,24 @@ def encode_sft(tokenizer, entries: list[dict], device="cpu", check_prob: float =
 
 
 def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: float, seed: int = 0,
-        device="cpu", callback=None, every: int = 0) -> list[float]:
-    """Supervised warm-up on worked solutions (AdamW, linear warm-up then cosine decay over ``steps``). Returns the
-    losses.
+        device="cpu", callback=None, every: int = 0, schedule: str = "cosine", filler_prob: float = 0.0) -> list[float]:
+    """Supervised training on worked solutions (AdamW). Returns the losses.
 
-    ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there); when it returns True the
-    warm-up stops at that step (the chapter stops once the policy is right often enough for RL to learn from)."""
+    ``schedule="cosine"``: the warm-up (linear warm-up, then cosine decay to 0 over ``steps``); ``"constant"``: the
+    continued-SFT arm that the RL arm is compared with (the same constant learning rate, steps and sequences per step
+    as GRPO). ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there); when it returns True
+    training stops at that step."""
     model.to(device).train()
-    X, M, Y = encode_sft(tokenizer, pool, device, seed=seed)
+    X, M, Y = encode_sft(tokenizer, pool, device, seed=seed, filler_prob=filler_prob)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    elif schedule == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    else:
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     gen = torch.Generator().manual_seed(seed)
     use_bf16 = str(device).startswith("cuda")
     losses = []
@@ -218,6 +298,56 @@ def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: 
             if stop:
                 break
     return [float(v) for v in torch.stack(losses).cpu()] if losses else []
+
+
+# The warm-up's probe: samples per validation problem (and the share of zero-signal groups among them).
+PROBE_SAMPLES = 16
+
+
+def eval_settings(P: dict, prompt_fn=prompt_of, hub: bool = False) -> dict:
+    """The keyword arguments of every ``evaluate`` in the chapter: ``eval_temperature`` with top-p 0.95 (Yue et al.'s
+    protocol), up to ``max_completion_length`` new tokens, batches of 16,384 sequences (512 for a hub model)."""
+    return dict(temperature=P["eval_temperature"], top_p=0.95, max_new_tokens=P["max_completion_length"],
+                prompt_fn=prompt_fn, batch_size=512 if hub else 16384)
+
+
+@dataclass
+class WarmUp:
+    """What ``warm_up`` returns: the losses, the probe curve (step, pass@1, zero-signal share), the seconds from the
+    first step to the last (probes included, the step-0 probe not), and the probe's size."""
+
+    losses: list[float]
+    curve: list[tuple[int, float, float]]
+    seconds: float
+    probe_problems: int
+    probe_group: int
+
+
+def warm_up(model, tokenizer, pool: list[dict], val: list[dict], P: dict, *, device, seed: int,
+            eval_kw: dict) -> WarmUp:
+    """The chapter's supervised warm-up of the scratch policy: ``sft`` over ``P["sft_steps"]`` cosine steps at
+    ``P["sft_lr"]`` (batches of 256 worked solutions on a GPU, 32 on the CPU), probed before the first step and every
+    150 steps (on the CPU twice in all) on the validation problems (all of them on a GPU, 8 on the CPU) with
+    ``PROBE_SAMPLES`` samples each. A positive ``P["sft_target"]`` stops it at the first probe whose pass@1 reaches it.
+    The probes reseed torch's global generator (``sample``), which the training does not use: it draws its batches
+    from its own generator and the policy has no dropout, so the probes do not change the trained weights."""
+    cuda = torch.device(device).type == "cuda"
+    model.to(device)
+    probe_set = val if cuda else val[:8]
+    group = min(P["group_size"], PROBE_SAMPLES)
+    curve = []
+
+    def probe(step):
+        ev = evaluate(model, tokenizer, probe_set, PROBE_SAMPLES, **eval_kw, seed=step)
+        curve.append((step, ev.pass1, zero_signal_share(ev.correct, PROBE_SAMPLES, group)))
+        return P["sft_target"] > 0 and ev.pass1 >= P["sft_target"]  # True stops the warm-up here (0: never)
+
+    probe(0)
+    t0 = time.perf_counter()
+    losses = sft(model, tokenizer, pool, steps=P["sft_steps"], batch_size=256 if cuda else 32, lr=P["sft_lr"],
+                 seed=seed, device=device, callback=probe, every=150 if cuda else max(1, P["sft_steps"] // 2),
+                 filler_prob=P["filler_prob"])
+    return WarmUp(losses, curve, time.perf_counter() - t0, len(probe_set), group)
 
 
 # The online path (full profile, hub reachable): an instruct model and GSM8K. Not run on the offline H100.
@@ -456,6 +586,44 @@ def bootstrap_ci(per_problem: np.ndarray, *, n_boot: int = 2000, seed: int = 0, 
     return float(lo), float(hi)
 
 
+def pass_k_per_problem(correct, n: int, ks: list[int]) -> np.ndarray:
+    """(P, len(ks)) unbiased pass@k of each problem, from its ``correct`` count out of ``n`` samples."""
+    return np.array([[pass_at_k(n, int(c), k) for k in ks] for c in np.asarray(correct)])
+
+
+def paired_pass_k(correct_a, n_a: int, correct_b, n_b: int, ks: list[int], *, n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> dict[int, tuple[float, float, float]]:
+    """pass@k of policy A minus policy B on the same problems, for each k: (difference, lo, hi), the interval a 95%
+    percentile bootstrap that resamples problems and keeps each problem's pair together (paired)."""
+    d = pass_k_per_problem(correct_a, n_a, ks) - pass_k_per_problem(correct_b, n_b, ks)      # (P, K)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), (n_boot, len(d)))
+    means = d[idx].mean(1)                                                                  # (n_boot, K)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return {k: (float(d[:, j].mean()), float(lo[j]), float(hi[j])) for j, k in enumerate(ks)}
+
+
+def crossover_k(correct_start, correct_rl, n: int, ks: list[int], *, n_boot: int = 2000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """Where the starting policy catches up: the smallest k in ``ks`` at which its pass@k reaches the RL policy's.
+
+    Returns {"k": the point estimate (None if it never catches up within ``ks``), "log2_k": log2 of it, with
+    log2(max(ks)) + 1 standing for "beyond the largest k", "lo"/"hi": the 95% percentile bootstrap interval of log2_k
+    over problems (paired)}."""
+    a, b = pass_k_per_problem(correct_start, n, ks), pass_k_per_problem(correct_rl, n, ks)
+    beyond = math.log2(max(ks)) + 1
+
+    def first(sa, sb):
+        hit = np.nonzero(sa.mean(0) >= sb.mean(0))[0]
+        return math.log2(ks[hit[0]]) if len(hit) else beyond
+
+    point = first(a, b)
+    rng = np.random.default_rng(seed)
+    boots = [first(a[i], b[i]) for i in rng.integers(0, len(a), (n_boot, len(a)))]
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return {"k": None if point == beyond else int(round(2 ** point)), "log2_k": point, "lo": float(lo), "hi": float(hi)}
+
+
 def crossing_k(before: Evaluation, after: Evaluation) -> int | None:
     """The smallest k at which the starting policy's pass@k reaches the RL policy's (None if it never does)."""
     for k in before.ks:
@@ -467,12 +635,13 @@ def crossing_k(before: Evaluation, after: Evaluation) -> int | None:
 def lengths_by_outcome(reward_log: list[dict]) -> dict[str, list[float]]:
     """Per generation batch: mean length (tokens) of correct (reward 1) and incorrect completions, the same relative
     to each problem's terse worked solution (``*_rel``: 1.0 = as long as the solution without checks), and the mean
-    number of checks per completion (``checks_*``)."""
+    number of checks and of filler lines per completion (``checks_*``, ``fillers_*``)."""
     out = defaultdict(list)
     for rec in reward_log:
         L, R = np.array(rec["lengths"], float), np.array(rec["rewards"])
         ref = np.array(rec.get("ref_lengths", [np.nan] * len(L)), float)
         C = np.array(rec.get("checks", [np.nan] * len(L)), float)
+        F = np.array(rec.get("fillers", [np.nan] * len(L)), float)
         ok = R == 1.0
         out["step"].append(rec["step"])
         out["reward"].append(float(R.mean()))
@@ -480,6 +649,7 @@ def lengths_by_outcome(reward_log: list[dict]) -> dict[str, list[float]]:
             out[name].append(float(L[sel].mean()) if sel.any() else float("nan"))
             out[name + "_rel"].append(float((L[sel] / ref[sel]).mean()) if sel.any() else float("nan"))
             out["checks_" + name].append(float(C[sel].mean()) if sel.any() else float("nan"))
+            out["fillers_" + name].append(float(F[sel].mean()) if sel.any() else float("nan"))
     return dict(out)
 
 
@@ -550,3 +720,53 @@ class StepClock(TrainerCallback):
                 "generate_share": gen / step if step else float("nan"),
                 "rollout_tokens_per_s": tok / gen if gen else float("nan"),
                 "ms_per_step": 1e3 * step / max(1, len(self.step_s[s]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The run's own bookkeeping: a wall-clock budget, and replicates checked before the ledger is written
+# ---------------------------------------------------------------------------------------------------------------
+
+class Budget:
+    """The notebook's wall-clock budget: elapsed time per section, and whether a section may still start.
+
+    ``t0`` is when the run started (``time.time()`` seconds); a section that would start after ``budget_s`` (or
+    could not finish by then, given ``need_s``) is skipped and its claims recorded untested ("time budget")."""
+
+    def __init__(self, budget_s: float, t0: float | None = None, clock=time.time):
+        self.budget_s, self.clock = float(budget_s), clock
+        self.t0 = clock() if t0 is None else t0
+        self._last = self.clock()
+        self.sections: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    def allows(self, need_s: float = 0.0) -> bool:
+        """Whether a section that takes ``need_s`` seconds still ends inside the budget."""
+        return self.elapsed() + need_s <= self.budget_s
+
+    def mark(self, name: str) -> float:
+        """Close the section ``name`` (the time since the previous mark), print it, and return its seconds."""
+        now = self.clock()
+        self.sections[name] = now - self._last
+        self._last = now
+        print(f"[time] {name}: {self.sections[name]:.0f} s; {self.elapsed():.0f} s of the {self.budget_s:.0f} s budget")
+        return self.sections[name]
+
+
+def short_replicates(ledger: dict) -> list[str]:
+    """Every measured claim or goal in a ledger (``run.to_dict()``) whose values, or whose control's values, are not
+    as many as it declares: in a gpu run any of them makes ``run.finish()`` refuse the run, so the chapter checks
+    before it finishes (and the smoke run, which cannot refuse, is checked the same way)."""
+    out = []
+    for e in ledger["claims"] + ledger.get("goals", []):
+        m, need = e["measured"], e["declared"].get("replicates")
+        if not m or m.get("why_untested") or not need:
+            continue
+        n = len(m.get("values") or ())
+        if n != need:
+            out.append(f"{e['id']}: {n} values, {need} declared")
+        control = m.get("control")
+        if e["declared"].get("control") and control is not None and len(control.get("values") or ()) != need:
+            out.append(f"{e['id']} (control): {len(control.get('values') or ())} values, {need} declared")
+    return out

@@ -38,16 +38,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from repro_utils.bench import Parts, script_args, script_fingerprint, sync  # noqa: E402
 from tinyserve.engine import Engine  # noqa: E402
-from tinyserve.model import ModelConfig, build_model  # noqa: E402
+from tinyserve.model import LLAMA3_8B, TINY, ModelConfig, build_model  # noqa: E402
 from tinyserve.scheduler import Sequence  # noqa: E402
 from tinyserve.workload import hf_generate_batch, hf_static, make_workload, summarize  # noqa: E402
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 PAPER_SLOTS = 15_700  # vLLM Table 1: "Max. # KV cache slots" for the 13B model on one A100-40GB
 
 SETTINGS = {  # full run on the H200 / dry run on the CPU

@@ -155,14 +155,20 @@ class Parts:
         if self.out is not None:
             self.out.write_text(json.dumps(self.res, indent=1, default=str))
 
-    def __call__(self, name: str, fn: Callable[[], dict]) -> None:
+    def __call__(self, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> None:
+        """Run part ``name`` unless fewer than ``need_s`` seconds (its expected wall time) are left of the budget."""
         import time
 
         if name not in self.names:
             return
         parts = self.res["parts"]
-        if time.perf_counter() - self.t_start > self.budget_s:
-            parts[name] = {"skipped": f"time budget of {self.budget_s:.0f} s spent", "part_wall_s": 0.0}
+        elapsed = time.perf_counter() - self.t_start
+        if elapsed + need_s > self.budget_s:
+            why = (f"time budget of {self.budget_s:.0f} s spent" if elapsed > self.budget_s else
+                   f"time budget: would not fit (needs about {need_s:.0f} s, {self.budget_s - elapsed:.0f} s of "
+                   f"{self.budget_s:.0f} s left)")
+            parts[name] = {"skipped": why, "part_wall_s": 0.0}
+            self.save()
             self.bar.update(1)
             return
         self.bar.set_postfix_str(name)
@@ -180,17 +186,19 @@ class Parts:
         self.save()
 
 
-def script_args(doc: str, parts, *, budget_s: float, reps_help: str = "replicates of every timing", extra=None,
+def script_args(doc: str, parts, *, budget_s: float, reps_help: str | None = "replicates of every timing", extra=None,
                 argv=None):
-    """The command line every measurement script shares: --out, --dry-run, --parts, --reps, --seed, --budget-s, and
-    what ``extra(parser)`` adds. Returns (args, the parts asked for, validated)."""
+    """The command line every measurement script shares: --out, --dry-run, --parts, --reps (left out where
+    ``reps_help`` is None), --seed, --budget-s, and what ``extra(parser)`` adds. Returns (args, the parts asked for,
+    validated)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths, in seconds")
     ap.add_argument("--parts", default=",".join(parts), help="comma-separated subset of " + ",".join(parts))
-    ap.add_argument("--reps", type=int, default=3, help=reps_help)
+    if reps_help is not None:  # None: a script without timed replicates
+        ap.add_argument("--reps", type=int, default=3, help=reps_help)
     if extra is not None:
         extra(ap)
     ap.add_argument("--seed", type=int, default=0)

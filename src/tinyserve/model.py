@@ -22,6 +22,15 @@ from torch.nn import functional as F
 
 from .attention import AttnMeta, attention, store_kv
 
+# The shapes the serving chapters run (ModelConfig keyword arguments, as in the HF config): Llama-3-8B with random
+# weights on the GPU, and a 2-layer miniature of it for CPU dry runs.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
 
 @dataclass
 class ModelConfig:

@@ -1,0 +1,114 @@
+"""Chapter 02's task calibration (calibrate_task.py): its settings fit the policy, bad ones fail before anything runs,
+the budget valve skips what would not fit, and a dry run on the CPU writes the JSON the GPU session will read.
+CPU only, offline, seeded; about 20 s."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTER = ROOT / "chapters" / "02_grpo"
+sys.path.insert(0, str(CHAPTER))
+
+pytest.importorskip("reasoning_gym")
+
+import calibrate_task as C  # noqa: E402
+import grpo_rlvr as G  # noqa: E402
+
+
+def strict_json(path):
+    """The file as JSON, refusing NaN and infinities (which json.dumps writes and strict readers reject)."""
+    def refuse(c):
+        raise ValueError(f"non-finite number {c} in {path}")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_every_setting_fits_the_policy_and_its_longest_solution():
+    for name, overrides in C.SETTINGS.items():
+        P = C.setting_params(overrides)
+        cfg = G.chapter_task(P)
+        problems = G.make_problems(3000, seed=5, **cfg)
+        assert {e["metadata"]["num_digits"] for e in problems} == set(range(cfg["min_digits"], cfg["max_digits"] + 1))
+        assert max(e["metadata"]["num_terms"] for e in problems) == cfg["max_terms"]
+        # the constructed bounds hold for sampled problems; a completion as long as the longest checked solution fits
+        sampled = max(len(G.worked_solution(e, check_prob=1.0)) + 1 for e in problems)
+        assert sampled <= C.longest_solution(cfg) <= P["max_completion_length"], name
+        assert max(len(G.prompt_of(e)) for e in problems) <= C.longest_prompt(cfg)
+        assert C.longest_prompt(cfg) + P["max_completion_length"] <= C.positions() == 256
+    # the setting declared from the calibration (2-4 terms of 2-5 digits) is the default, at max_completion_length 152
+    P = C.setting_params({})
+    assert G.chapter_task(P) == G.TASKS["chain_sum"] and P["max_completion_length"] == 152
+    assert C.SETTINGS["t2-4_d2-5"] == {k: P[k] for k in ("max_terms", "min_digits", "max_digits")}
+
+
+@pytest.mark.parametrize("bad", [{"max_terms": 6, "max_digits": 5},   # 348 tokens: past the policy's 256 positions
+                                 {"min_digits": 4, "max_digits": 3},  # an empty range
+                                 {"max_digits": 6}, {"max_terms": 1}, {"min_digits": 0},  # outside claims.yaml's bounds
+                                 {"sft_step": 10}, {"task": "gsm8k"}, {"seed": -1}])
+def test_bad_settings_fail_before_anything_runs(bad):
+    with pytest.raises(ValueError):  # ParameterError is a ValueError
+        C.setting_params(bad)
+
+
+def test_task_config_names_what_is_wrong():
+    with pytest.raises(ValueError, match="min_digits <= max_digits"):
+        G.task_config(min_digits=3, max_digits=2)
+    with pytest.raises(ValueError, match="no setting 'digits'"):
+        G.make_problems(2, seed=0, digits=3)
+    assert G.task_config(max_digits=None) == G.TASKS["chain_sum"]  # None keeps the default
+    assert G.describe_task(G.task_config(max_terms=5, min_digits=2, max_digits=4)) == "2-5 terms of 2-4 digits"
+
+
+def test_command_line_refuses_bad_arguments(tmp_path, capsys):
+    out = str(tmp_path / "c.json")
+    for argv, said in [(["--parts", "t2-4_d1-5,t9"], "unknown parts"), (["--budget-s", "0"], "budget_s must be positive"),
+                       (["--seed", "-1"], "'seed'")]:
+        with pytest.raises(SystemExit):
+            C.main(["--dry-run", "--out", out, *argv])
+        assert said in capsys.readouterr().err
+    assert not Path(out).exists()  # nothing ran
+
+
+def test_estimate_is_the_prior_scaled_by_the_slowest_measured_ratio():
+    P = C.setting_params(C.SETTINGS["t2-4_d1-5"])
+    prior = C.prior_s(P)
+    # 8 s of problems + 65 s of warm-up + 24 s x 152/128 of evaluation, from the H200 call at 8f8ced7
+    assert prior == pytest.approx(8 + 65 + 24 * 152 / 128)
+    assert C.estimate_s(P, [], cuda=True) == prior and C.estimate_s(P, [], cuda=False) == 0.0
+    assert C.estimate_s(P, [(100.0, 50.0), (100.0, 80.0)], cuda=True) == pytest.approx(0.8 * prior)
+
+
+def test_dry_run_writes_the_json_and_the_budget_skips_what_would_not_fit(tmp_path):
+    out = tmp_path / "cal.json"
+    # the second setting asks for a billion warm-up steps: once the first has been timed, its estimate is far past the
+    # hour of budget, so it is recorded as skipped without running
+    settings = {"t2-4_d1-5": C.SETTINGS["t2-4_d1-5"], "huge": {**C.SETTINGS["t2-4_d1-3"], "sft_steps": 10**9}}
+    res = C.calibrate(settings, dry_run=True, out=out, budget_s=3600, progress=False)
+    got = strict_json(out)
+    assert got["parts"].keys() == {"t2-4_d1-5", "huge"} and got["profile"] == "dry-run"
+    assert got["settings"]["t2-4_d1-5"] == {"max_terms": 4, "min_digits": 1, "max_digits": 5,
+                                            "max_completion_length": 152}  # as the GPU runs it
+    assert got["parameters"]["max_digits"] == 5 and got["window"] == {"pass1": [0.3, 0.6], "pass_kmax": [0.6, 0.8]}
+    r = got["parts"]["t2-4_d1-5"]
+    assert "error" not in r and "skipped" not in r, r
+    n, kmax = C.DRY["eval_problems"], C.DRY["eval_samples"]
+    s = r["start"]
+    assert s["kmax"] == kmax and set(s["pass_k"]) == {"1", "2", "4"} and 0 <= s["pass1"] <= s["pass_kmax"] <= 1
+    assert sum(c["problems"] for c in s["by_digits"].values()) == n == sum(c["problems"] for c in s["by_terms"].values())
+    assert {int(d) for d in s["by_digits"]} <= {1, 2, 3, 4, 5}
+    assert all(len(v) == n for v in r["per_problem"].values())
+    assert r["warm_up"]["steps"] == C.DRY["sft_steps"] and len(r["warm_up"]["curve"]) == 3  # probes at 0, 2, 4
+    assert r["task"]["max_digits"] == 5 and r["parameters"]["max_completion_length"] == C.DRY["max_completion_length"]
+    assert isinstance(r["in_window"], bool) and r["graded_run_estimate_s"] is None  # no GPU: no estimate
+    assert r["estimate_s"] == 0.0 and r["part_wall_s"] > 0  # the first setting on a CPU: nothing to estimate from
+    huge = got["parts"]["huge"]
+    assert huge["skipped"].startswith("time budget: would not fit") and huge["estimate_s"] > 3600
+    assert "huge" in C.table(res) and "t2-4_d1-5" in C.table(res)
+    # a budget already spent: every setting is skipped, and the JSON still says which and why
+    res = C.calibrate({"t2-4_d1-3": {}}, dry_run=True, out=out, budget_s=1e-9, progress=False)
+    assert strict_json(out)["parts"]["t2-4_d1-3"]["skipped"].startswith("time budget")
