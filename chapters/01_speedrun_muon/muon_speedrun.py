@@ -307,7 +307,7 @@ def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5, m
     return out
 
 
-def orthogonalize_seconds(cfg: "GPTConfig", method: str, device="cpu", reps: int = 3) -> float:
+def orthogonalize_seconds(cfg: GPTConfig, method: str, device="cpu", reps: int = 3) -> float:
     """Seconds one Muon step spends in ``orthogonalize`` for ``cfg``'s hidden matrices (random inputs of their shapes
     and chunks, float32), the median of ``reps`` timed calls after one warm-up call. The budget valve uses it to
     foresee a run's cost before starting it: on the H200 (2026-12-04) the float32 SVD of the polar arm made a
