@@ -46,17 +46,10 @@ import json
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(HERE))
-warnings.filterwarnings("ignore", category=SyntaxWarning)  # reasoning-gym's dependency cellpylib, compiled at import
-warnings.filterwarnings("ignore", category=FutureWarning)
-
-import calibrate_task as C  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrate_task as C  # noqa: E402  (puts src/ on the path and silences reasoning-gym's import warnings)
 import grpo_rlvr as G  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -66,6 +59,7 @@ from repro_utils.bench import Parts, script_args, script_fingerprint  # noqa: E4
 from repro_utils.ledger import git_commit  # noqa: E402
 from repro_utils.run import seed_everything  # noqa: E402
 
+ROOT = C.ROOT
 RATES = (3e-6, 1e-5, 3e-5, 1e-4)  # the arms' constant AdamW rate; 1e-4 is the d347304 run's
 VAL_SAMPLES = 32  # samples per validation problem (the dry run: 4)
 TIE_POINTS = 1.0  # a rate within this many pass@1 points of the best ties with it; ties go to the smaller rate
@@ -148,12 +142,8 @@ def calibrate(rates=RATES, *, dry_run: bool, out=None, seed: int = 0, budget_s: 
     rates = sorted(set(rates))
     if not rates or min(rates) <= 0:
         raise ValueError(f"rates must be positive, not {rates}")
-    if not budget_s > 0:
-        raise ValueError(f"budget_s must be positive, not {budget_s}")
-    cuda = torch.cuda.is_available() and not dry_run
-    if not dry_run and not cuda:
-        raise RuntimeError("no GPU: use --dry-run (the smoke profile's sizes on the CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = C.calibration_device(dry_run, budget_s)
+    cuda = device.type == "cuda"
     P = C.dry_params(DRY, seed=seed) if dry_run else C.setting_params({}, seed=seed)
     val_samples = 4 if dry_run else VAL_SAMPLES
     res = {"chapter": "02_grpo", "script": "calibrate_lr.py", "profile": "dry-run" if dry_run else "gpu", "seed": seed,
