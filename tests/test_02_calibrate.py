@@ -112,3 +112,28 @@ def test_dry_run_writes_the_json_and_the_budget_skips_what_would_not_fit(tmp_pat
     # a budget already spent: every setting is skipped, and the JSON still says which and why
     res = C.calibrate({"t2-4_d1-3": {}}, dry_run=True, out=out, budget_s=1e-9, progress=False)
     assert strict_json(out)["parts"]["t2-4_d1-3"]["skipped"].startswith("time budget")
+
+
+# --- calibrate_lr.py: the arms' learning rate, chosen on the validation problems ---------------------------------
+
+import calibrate_lr as L  # noqa: E402
+
+
+def test_lr_rule_takes_the_best_rate_and_breaks_ties_toward_the_smaller():
+    assert L.choose({3e-6: 60.0, 1e-5: 64.5, 3e-5: 65.0, 1e-4: 58.0}) == 1e-5  # 64.5 is within 1 point of 65
+    assert L.choose({3e-6: 60.0, 1e-5: 63.9, 3e-5: 65.0}) == 3e-5
+    assert L.choose({1e-4: 50.0}) == 1e-4 and L.choose({}) is None
+    assert list(L.RATES) == sorted(L.RATES) and 1e-4 in L.RATES  # the d347304 run's rate is among them
+
+
+def test_lr_dry_run_judges_on_validation_problems_only(tmp_path):
+    out = tmp_path / "lr.json"
+    res = L.calibrate([1e-4], dry_run=True, out=out, budget_s=3600, progress=False)
+    got = strict_json(out)
+    assert got["parts"].keys() == {"start", "lr=0.0001"} and got["profile"] == "dry-run"
+    r = got["parts"]["lr=0.0001"]
+    assert {"val_pass1", "gain", "seconds"} <= r["grpo"].keys() and {"val_pass1", "gain"} <= r["sft"].keys()
+    assert got["parts"]["start"]["val_problems"] == 128  # problem_sets' val, disjoint from training and held-out
+    assert res["chosen"] == {"grpo_lr": 1e-4, "sft_arm_lr": 1e-4}
+    with pytest.raises(ValueError, match="rates"):
+        L.calibrate([0.0], dry_run=True)

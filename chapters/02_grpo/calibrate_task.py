@@ -253,18 +253,26 @@ def run_setting(P: dict, *, device: torch.device, seed: int) -> dict:
     }
 
 
+def calibration_device(dry_run: bool, budget_s: float) -> torch.device:
+    """The device a calibration runs on (the GPU; the CPU for a dry run), after checking the budget. Raises ValueError
+    for a budget that is not positive and RuntimeError for a real run without a GPU."""
+    if not budget_s > 0:
+        raise ValueError(f"budget_s must be positive, not {budget_s}")
+    if dry_run:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no GPU: use --dry-run (the smoke profile's sizes on the CPU)")
+    return torch.device("cuda")
+
+
 def calibrate(settings: dict[str, dict], *, dry_run: bool, out=None, seed: int = 0, budget_s: float = BUDGET_S,
               progress: bool = True) -> dict:
     """Every setting in order, each only if its estimate fits what is left of ``budget_s``; returns the results (and
     writes them to ``out`` after each setting, if given). Every setting is checked before the first one runs."""
     if not settings:
         raise ValueError("no settings to calibrate")
-    if not budget_s > 0:
-        raise ValueError(f"budget_s must be positive, not {budget_s}")
-    cuda = torch.cuda.is_available() and not dry_run
-    if not dry_run and not cuda:
-        raise RuntimeError("no GPU: use --dry-run (the smoke profile's sizes on the CPU)")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = calibration_device(dry_run, budget_s)
+    cuda = device.type == "cuda"
     n_positions = positions()
     gpu = {name: setting_params(ov, seed=seed, n_positions=n_positions) for name, ov in settings.items()}
     params = {name: dry_params(ov, seed=seed) for name, ov in settings.items()} if dry_run else gpu
