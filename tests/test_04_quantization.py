@@ -553,3 +553,21 @@ def test_gpu_record_cells_carry_their_replicates(tmp_path, monkeypatch):
                    "int4-decode-m1": 0, "int4-decode-m16": 0, "int4-e2e-decode": 0, "fp8-e2e-prefill": 5,
                    "int4-kernel-m1": 5, "int4-kernel-m1-vs-tinygemm": 5, "int4-kernel-m16-marlin": 5,
                    "int4-kernel-e2e-2p5x": 5}
+
+
+@needs_triton
+def test_int4_sass_report_counts_the_main_loop_of_the_sm90_kernels():
+    # scripts/ch04_int4_sass.py compiles the kernels for sm_90 on the CPU (Triton ships ptxas and cuobjdump) and
+    # counts their main loops' instructions per weight. Run as its own process: this one imported ptq for the
+    # interpreter. A loop must be found for every configuration, each weight must cost at least two instructions
+    # (its FMA and its nibble extraction), nothing may spill, and the gemv's weight loads must be 128-bit.
+    import re
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_sass.py")], capture_output=True,
+                         text=True, env=env, timeout=300, check=True).stdout
+    per_weight = [float(x) for x in re.findall(r"([0-9.]+) per weight", out)]
+    assert len(per_weight) == 4 and all(2.0 <= x < 20 for x in per_weight), out
+    assert re.findall(r"(\d+) bytes spilled", out) == ["0"] * 4, out
+    assert "LDG.E.EF.128" in out, out

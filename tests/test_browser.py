@@ -12,7 +12,8 @@ What a reader meets and `jupyter-book build -W` cannot see. Each page fails on:
 - a JavaScript console error (a script that failed, or a resource that did not load: offline, a CDN
   counts as not loading);
 - on a chapter page, a claim card (the last code cell's output) that is not a table, or whose `grade`
-  column is not visible without scrolling at 1400 px (at 390 px: reachable by its table's own scroll);
+  column is not visible without scrolling at 1400 px (at 390 px: reachable by its table's own scroll), or
+  whose grades are wider than their cells (cut at the edge);
 - an output holding a traceback or a known warning (`repro_utils.notebooks.KNOWN_DEBRIS`, and any
   `...Warning:` line).
 
@@ -264,6 +265,12 @@ if (isChapter) {
     const hidden = [...t.rows].map((row) => row.cells[col]).filter((c) => c && c.getBoundingClientRect().right > right + 1);
     if (hidden.length && (width >= 1000 || !box))
       problems.push({what: `the claim card's grade column is not visible (${hidden.length} of ${t.rows.length} cells past the right edge)`,
+                     where: "(claim card)", el: mark(t)});
+    // at every width: a grade's words fit their cell (a word wider than the cell is cut at its edge)
+    const cut = [...t.rows].map((row) => row.cells[col]).filter((c) => c && [...c.querySelectorAll("strong")].some(
+      (b) => b.getBoundingClientRect().right > c.getBoundingClientRect().right + 1));
+    if (cut.length)
+      problems.push({what: `the claim card's grades are cut at their cell's edge (${cut.length} of ${t.rows.length} cells)`,
                      where: "(claim card)", el: mark(t)});
     card = card || mark(t);
   });

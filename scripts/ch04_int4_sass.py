@@ -1,0 +1,129 @@
+"""Compile chapter 04's INT4 kernels for sm_90 (H100, H200) and count what one weight costs in instructions.
+
+No GPU is needed: Triton compiles to a cubin with the ptxas it ships, and cuobjdump (shipped with Triton too)
+disassembles it. For each kernel configuration the script finds the main loop (the longest backward branch in
+the SASS), counts its instructions by opcode, and divides by the weights one thread handles per iteration. It
+also prints the registers a thread uses, the bytes it spills and the width of its global loads.
+
+Why: a GEMV that reads INT4 weights can only be 4x faster than bf16 if it issues few enough instructions per
+weight. An SM issues one warp instruction per clock on each of its 4 schedulers, so a GPU issues at most
+    SMs x 4 x clock x 32  thread instructions per second,
+and a kernel spending I instructions per weight cannot process more than that over I weights per second, however
+fast its memory is. The script prints that ceiling as a multiple of a bf16 GEMV reading at --bf16-tbps (default
+4.3 TB/s: the H200's measured copy bandwidth, issue 18), beside the bandwidth ceiling of INT4 itself (4.19 bits
+per weight with group-128 scales and zeros). Whichever is lower bounds the kernel; neither is a measurement of it.
+
+    python3 scripts/ch04_int4_sass.py                      # the chapter's default configurations, Llama-3-8B MLP
+    python3 scripts/ch04_int4_sass.py --all                # every candidate tune_int4 tries at M = 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chapters" / "04_quantization"))
+
+import ptq  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+TYPES = {"X": "*bf16", "Wp": "*i32", "S": "*bf16", "Z": "*u8", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
+         "M": "i32", "N": "i32", "stride_xm": "i32"}
+BITS_PER_WEIGHT = 4 + (16 + 8) / 128  # the nibble, and a bf16 scale and a uint8 zero per group of 128
+
+
+def compile_sm90(cfg: ptq.Int4Config, N: int, K: int):
+    """The kernel ``int4_matmul`` launches for ``cfg`` at (N, K), compiled for sm_90 with 16-byte alignment."""
+    jit = ptq._int4_gemv_kernel if cfg.kernel == "gemv" else ptq._int4_mma_kernel
+    constants = {"G": 128, "BLOCK_N": cfg.BLOCK_N, "SPLIT_K": cfg.SPLIT_K, "K_ITERS": K // (cfg.SPLIT_K * cfg.k_step()),
+                 "ASM": True}
+    constants.update({"KW": cfg.KW} if cfg.kernel == "gemv" else {"BLOCK_M": cfg.BLOCK_M, "F32_DOT": False})
+    signature = {n: "constexpr" if n in constants else TYPES[n] for n in jit.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(jit.arg_names)
+               if signature[n].startswith("*") or n in ("N", "stride_xm")}
+    src = triton.compiler.ASTSource(fn=jit, signature=signature, attrs=aligned,
+                                    constexprs={(jit.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def disassemble(compiled) -> tuple[str, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions between the target and the source of the longest backward branch."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    best = (0, 0)
+    for a, ln in zip(addr, lines):
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < a and a - int(m.group(1), 16) > best[1] - best[0]:
+            best = (int(m.group(1), 16), a)
+    return [ln for a, ln in zip(addr, lines) if best[0] <= a <= best[1]]
+
+
+def opcode(line: str) -> str:
+    body = re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", line)
+    return body.split()[0].rstrip(";") if body.split() else "?"
+
+
+def report(cfg: ptq.Int4Config, N: int, K: int, args) -> dict:
+    usage, sass = disassemble(compile_sm90(cfg, N, K))
+    loop = main_loop(sass)
+    ops = Counter(opcode(ln).split(".")[0] for ln in loop)
+    loads = Counter(m.group(0) for m in re.finditer(r"LDG\.E[.A-Z0-9]*", "\n".join(loop)))
+    # weights one thread handles per loop iteration: gemv steps over KW word rows, mma over one 128-input group
+    rows = 8 * cfg.KW if cfg.kernel == "gemv" else 128
+    per_thread = rows * cfg.BLOCK_N / (32 * cfg.num_warps)
+    instr = len(loop) / per_thread
+    issue = args.sms * 4 * args.clock_ghz * 1e9 * 32  # thread instructions per second
+    bf16_weights = args.bf16_tbps * 1e12 / 2
+    return {"cfg": cfg, "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "spill": int(re.search(r"STACK:(\d+)", usage).group(1)), "loop": len(loop), "per_weight": instr,
+            "issue_ceiling_x": issue / instr / bf16_weights,
+            "bandwidth_ceiling_x": args.bf16_tbps * 16 / BITS_PER_WEIGHT / args.bf16_tbps,
+            "ops": ops.most_common(8), "loads": dict(loads)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--all", action="store_true", help="every M = 1 candidate of int4_candidates, not the default")
+    ap.add_argument("--sms", type=int, default=132, help="SMs (H100 SXM and H200: 132)")
+    ap.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock under load (H200 SXM boost: 1.98)")
+    ap.add_argument("--bf16-tbps", type=float, default=4.3, help="bytes/s a bf16 GEMV reads at, in TB/s (the H200 copied at ~4.3)")
+    args = ap.parse_args(argv)
+    shapes = {"up/gate 14336 x 4096": (14336, 4096), "down 4096 x 14336": (4096, 14336)}
+    print(f"triton {triton.__version__}, sm_90; ceilings as multiples of a bf16 GEMV at {args.bf16_tbps} TB/s; "
+          f"issue ceiling from {args.sms} SMs x 4 schedulers x {args.clock_ghz} GHz")
+    for label, (N, K) in shapes.items():
+        cfgs = ptq.int4_candidates(1, N, K) if args.all else [ptq.int4_config(1, N, K), ptq.int4_config(16, N, K)]
+        for cfg in cfgs:
+            r = report(cfg, N, K, args)
+            c = r["cfg"]
+            print(f"{label}: {c.kernel} BLOCK_M={c.BLOCK_M} BLOCK_N={c.BLOCK_N} SPLIT_K={c.SPLIT_K} "
+                  f"warps={c.num_warps} stages={c.num_stages}" + (f" KW={c.KW}" if c.kernel == "gemv" else ""))
+            print(f"    {r['regs']} registers, {r['spill']} bytes spilled; main loop {r['loop']} instructions, "
+                  f"{r['per_weight']:.2f} per weight -> issue ceiling {r['issue_ceiling_x']:.2f}x bf16 "
+                  f"(INT4 bandwidth ceiling {r['bandwidth_ceiling_x']:.2f}x)")
+            print(f"    opcodes: {r['ops']}; global loads: {r['loads']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
