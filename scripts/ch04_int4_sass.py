@@ -22,48 +22,33 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chapters" / "04_quantization"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "chapters" / "04_quantization"))
+sys.path.insert(0, str(ROOT / "src"))
 
 import ptq  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+from repro_utils.sm90 import compile_sm90, cuobjdump, registers_and_spills  # noqa: E402
+
 TYPES = {"X": "*bf16", "Wp": "*i32", "S": "*bf16", "Z": "*u8", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
          "M": "i32", "N": "i32", "stride_xm": "i32"}
 BITS_PER_WEIGHT = 4 + (16 + 8) / 128  # the nibble, and a bf16 scale and a uint8 zero per group of 128
 
 
-def compile_sm90(cfg: ptq.Int4Config, N: int, K: int):
-    """The kernel ``int4_matmul`` launches for ``cfg`` at (N, K), compiled for sm_90 with 16-byte alignment."""
+def compile_kernel(cfg: ptq.Int4Config, N: int, K: int):
+    """The kernel ``int4_matmul`` launches for ``cfg`` at (N, K), compiled for sm_90."""
     jit = ptq._int4_gemv_kernel if cfg.kernel == "gemv" else ptq._int4_mma_kernel
     constants = {"G": 128, "BLOCK_N": cfg.BLOCK_N, "SPLIT_K": cfg.SPLIT_K, "K_ITERS": K // (cfg.SPLIT_K * cfg.k_step()),
                  "ASM": True}
     constants.update({"KW": cfg.KW} if cfg.kernel == "gemv" else {"BLOCK_M": cfg.BLOCK_M, "F32_DOT": False})
-    signature = {n: "constexpr" if n in constants else TYPES[n] for n in jit.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(jit.arg_names)
-               if signature[n].startswith("*") or n in ("N", "stride_xm")}
-    src = triton.compiler.ASTSource(fn=jit, signature=signature, attrs=aligned,
-                                    constexprs={(jit.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-
-def disassemble(compiled) -> tuple[str, str]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return usage, sass
+    return compile_sm90(jit, TYPES, constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        aligned=("N", "stride_xm"))
 
 
 def main_loop(sass: str) -> list[str]:
@@ -84,8 +69,9 @@ def opcode(line: str) -> str:
 
 
 def report(cfg: ptq.Int4Config, N: int, K: int, args) -> dict:
-    usage, sass = disassemble(compile_sm90(cfg, N, K))
-    loop = main_loop(sass)
+    compiled = compile_kernel(cfg, N, K)
+    regs, spill = registers_and_spills(compiled)
+    loop = main_loop(cuobjdump(compiled, "-sass"))
     ops = Counter(opcode(ln).split(".")[0] for ln in loop)
     loads = Counter(m.group(0) for m in re.finditer(r"LDG\.E[.A-Z0-9]*", "\n".join(loop)))
     # weights one thread handles per loop iteration: gemv steps over KW word rows, mma over one 128-input group
@@ -94,8 +80,7 @@ def report(cfg: ptq.Int4Config, N: int, K: int, args) -> dict:
     instr = len(loop) / per_thread
     issue = args.sms * 4 * args.clock_ghz * 1e9 * 32  # thread instructions per second
     bf16_weights = args.bf16_tbps * 1e12 / 2
-    return {"cfg": cfg, "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "spill": int(re.search(r"STACK:(\d+)", usage).group(1)), "loop": len(loop), "per_weight": instr,
+    return {"cfg": cfg, "regs": regs, "spill": spill, "loop": len(loop), "per_weight": instr,
             "issue_ceiling_x": issue / instr / bf16_weights,
             "bandwidth_ceiling_x": args.bf16_tbps * 16 / BITS_PER_WEIGHT / args.bf16_tbps,
             "ops": ops.most_common(8), "loads": dict(loads)}

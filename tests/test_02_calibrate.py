@@ -92,7 +92,8 @@ def test_dry_run_writes_the_json_and_the_budget_skips_what_would_not_fit(tmp_pat
     got = strict_json(out)
     assert got["parts"].keys() == {"t2-4_d1-5", "huge"} and got["profile"] == "dry-run"
     assert got["settings"]["t2-4_d1-5"] == {"max_terms": 4, "min_digits": 1, "max_digits": 5,
-                                            "max_completion_length": 152}  # as the GPU runs it
+                                            "max_completion_length": 152, "model_dim": 256,
+                                            "model_layers": 4}  # as the GPU runs it
     assert got["parameters"]["max_digits"] == 5 and got["window"] == {"pass1": [0.3, 0.6], "pass_kmax": [0.6, 0.8]}
     r = got["parts"]["t2-4_d1-5"]
     assert "error" not in r and "skipped" not in r, r
@@ -137,3 +138,12 @@ def test_lr_dry_run_judges_on_validation_problems_only(tmp_path):
     assert res["chosen"] == {"grpo_lr": 1e-4, "sft_arm_lr": 1e-4}
     with pytest.raises(ValueError, match="rates"):
         L.calibrate([0.0], dry_run=True)
+
+
+def test_model_size_settings_record_and_describe_the_policy_they_train():
+    P = C.setting_params(C.SETTINGS["t2-4_d2-5_w128_l2"])
+    assert (P["model_dim"], P["model_layers"]) == (128, 2) and G.chapter_task(P) == G.TASKS["chain_sum"]
+    res = C.calibrate({"t2-4_d2-5_w128_l2": C.SETTINGS["t2-4_d2-5_w128_l2"]}, dry_run=True, budget_s=3600,
+                      progress=False)
+    assert res["settings"]["t2-4_d2-5_w128_l2"]["model_dim"] == 128
+    assert res["parts"]["t2-4_d2-5_w128_l2"]["describe"].endswith(", d=128 x 2")
