@@ -56,7 +56,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from repro_utils.bench import Parts, script_args, script_fingerprint  # noqa: E402
-from repro_utils.ledger import git_commit  # noqa: E402
 from repro_utils.run import seed_everything  # noqa: E402
 
 ROOT = C.ROOT
@@ -150,8 +149,7 @@ def calibrate(rates=RATES, *, dry_run: bool, out=None, seed: int = 0, budget_s: 
            "budget_s": budget_s, "rule": {"rates": rates, "val_samples": val_samples, "tie_points": TIE_POINTS},
            "parameters": P,
            "fingerprint": {**script_fingerprint(device, ROOT, packages=("transformers", "trl")),
-                           "reasoning_gym": importlib.metadata.version("reasoning-gym"),
-                           **dict(zip(("git_commit", "dirty"), git_commit(ROOT)))},
+                           "reasoning_gym": importlib.metadata.version("reasoning-gym")},
            "parts": {}, "chosen": None}
     names = ["start"] + [part_name(r) for r in rates]
     part = Parts(res, names, out=out, budget_s=budget_s, desc="ch02 learning rates", progress=progress)

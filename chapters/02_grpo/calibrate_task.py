@@ -93,7 +93,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from repro_utils.bench import Parts, script_args, script_fingerprint  # noqa: E402
 from repro_utils.claims import load_chapter  # noqa: E402
-from repro_utils.ledger import git_commit  # noqa: E402
 from repro_utils.profiles import resolve  # noqa: E402
 from repro_utils.run import seed_everything  # noqa: E402
 
@@ -289,8 +288,7 @@ def calibrate(settings: dict[str, dict], *, dry_run: bool, out=None, seed: int =
            "settings": {name: {k: P[k] for k in CHANGED} for name, P in gpu.items()},  # as the GPU runs them
            "parameters": dry_params({}, seed=seed) if dry_run else setting_params({}, seed=seed),
            "fingerprint": {**script_fingerprint(device, ROOT, packages=("transformers",)),
-                           "reasoning_gym": importlib.metadata.version("reasoning-gym"),
-                           **dict(zip(("git_commit", "dirty"), git_commit(ROOT)))},  # REPRO_COMMIT without .git
+                           "reasoning_gym": importlib.metadata.version("reasoning-gym")},
            "parts": {}}
     part = Parts(res, list(params), out=out, budget_s=budget_s, desc="ch02 calibration", progress=progress)
     part.setup_done()

@@ -104,5 +104,8 @@ if not dry:  # 3 s of large matmuls, then the suffix again
             a @ a
         torch.cuda.synchronize()
     group("suffix after 3 s of matmuls", 5)
-with open(os.path.join(os.environ.get("OUT", "."), "diag07.json"), "w") as f:
+# $OUT on the GPU box; elsewhere the ignored _build/ folder (a run here once left its CPU JSON in the repository root)
+out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "_build", "probes")
+os.makedirs(out_dir, exist_ok=True)
+with open(os.path.join(out_dir, "diag07.json"), "w") as f:
     json.dump(out, f, indent=1)

@@ -104,22 +104,22 @@ def sync() -> None:
 
 
 def script_fingerprint(device, root, packages=("triton",)) -> dict:
-    """Where a script's numbers come from: device, library versions, the git commit of ``root``, the start time."""
+    """Where a script's numbers come from: device, library versions, the git commit of ``root`` and whether the tree
+    was dirty (``ledger.git_commit``: REPRO_COMMIT on a GPU box without .git), the start time."""
     import importlib
     import platform
-    import subprocess
     import time
 
     import torch
 
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    from .ledger import git_commit
+
+    commit, dirty = git_commit(root)
     return {"device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda,
             **{p: importlib.import_module(p).__version__ for p in packages},
-            "python": platform.python_version(), "git_commit": commit, "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "python": platform.python_version(), "git_commit": commit, "dirty": dirty,
+            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 class Parts:
