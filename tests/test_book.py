@@ -150,3 +150,13 @@ def test_tidy_drops_a_library_log_line_written_into_a_progress_bar():
     assert notebooks.tidy_text(bar) == "ch06: 100%|██████████| 14/14 [08:18<00:00, 35.57s/part, dial]"
     kept = "step 3: 2026-12-04 14:35:29,525 - a line of the chapter's own that looks like a log"
     assert notebooks.tidy_text(kept) == kept  # only a bar with HF's logger in it goes
+
+
+def test_tidy_drops_torch_log_lines_alone_or_after_a_bar():
+    text = ("record 5 arch, seed 0:  57%|█████▋    | 729/1280 [00:18<00:09, 60.03it/s]W1204 21:35:57.272000 506 "
+            "torch/_dynamo/convert_frame.py:1743] [0/8] torch._dynamo hit config.recompile_limit (8)\n"
+            "W1204 21:35:57.272000 506 torch/_dynamo/convert_frame.py:1743] [0/8]    function: 'forward'\n"
+            "record 5 arch, seed 0                        final 3.4655   23.4 s  data 7ffd3063d860")
+    assert notebooks.tidy_text(text) == "record 5 arch, seed 0                        final 3.4655   23.4 s  data 7ffd3063d860"
+    kept = "W1204 is a name of the chapter's own: 3 runs] final 3.4655"
+    assert notebooks.tidy_text(kept) == kept  # no thread id and file:line] after the time: not torch's format

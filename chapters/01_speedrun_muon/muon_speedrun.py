@@ -231,7 +231,8 @@ def compile_regions(model: GPT) -> GPT:
     Static shapes: a model of another size gets its own kernels, never slower shape-generic ones. One process trains
     several architectures (records 4, 5 and 8, each also evaluated and forked), and every one of them is a new graph
     of the same ``Block.forward``: dynamo's default limit of 8 graphs per function was reached in the H200 run at
-    6f8498c (its warning in §2's output), after which new shapes ran eagerly. 64 leaves room for every arm."""
+    6f8498c (torch logged it during §2; the page's tidy removes torch's log lines), after which new shapes ran
+    eagerly. 64 leaves room for every arm."""
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in model.blocks:

@@ -40,9 +40,13 @@ KNOWN_DEBRIS = (
     "/root/out/",  # the GPU box's output folder
     "Generating train split",  # datasets building its cache
     "Generating val split",
+    "hit config.recompile_limit",  # torch._dynamo's log line (the tidy removes torch's log lines: _TORCH_LOG)
 )
 _WARNING = re.compile(r"^\S+\.py:\d+: (?P<cat>\w+Warning): (?P<msg>.*)$")
 _DEBRIS_LINE = re.compile(r"^Generating \w+ split: ")
+# a torch log line (glog format: level, date, time, thread, file:line]), alone or written after a progress bar that
+# it interrupted; torch._dynamo's recompile-limit warning was the first (chapter 01, H200 run at 6f8498c)
+_TORCH_LOG = re.compile(r"^(?:[^\n]*\])?[WEI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 # a library's log line written into the middle of a progress bar (HF's generate_batch); the bar's line goes with it
 _LOG_IN_BAR = re.compile(r"^[^\n]*\| [^\n]* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ContinuousBatchingLogger - WARNING - [^\n]*$")
 SETUP_TAGS = {"colab": "remove-cell", "parameters": "hide-cell", "injected-parameters": "remove-cell"}
@@ -71,7 +75,7 @@ def tidy_text(text: str, *, ledger: str | None = None) -> str:
                 j += 1
             i = j + 1 if j < len(lines) and j <= i + 3 else i + 1
             continue
-        if _DEBRIS_LINE.match(line) or _LOG_IN_BAR.match(line):
+        if _DEBRIS_LINE.match(line) or _LOG_IN_BAR.match(line) or _TORCH_LOG.match(line):
             i += 1
             continue
         if ledger and line.startswith("ledger: "):
