@@ -147,3 +147,39 @@ def test_model_size_settings_record_and_describe_the_policy_they_train():
                       progress=False)
     assert res["settings"]["t2-4_d2-5_w128_l2"]["model_dim"] == 128
     assert res["parts"]["t2-4_d2-5_w128_l2"]["describe"].endswith(", d=128 x 2")
+
+
+def test_noise_scale_recovers_a_known_signal_and_noise():
+    torch = pytest.importorskip("torch")
+    import noise_scale as N
+
+    gen = torch.Generator().manual_seed(0)
+    P, n, sigma = 2000, 400, 0.5
+    G_true = torch.zeros(P, dtype=torch.float64)
+    G_true[:10] = 1.0  # |G|² = 10
+    g = G_true + sigma * torch.randn(n, P, generator=gen, dtype=torch.float64)  # tr Σ = P sigma² = 500
+    r = N.noise_scale(g)
+    # sd of the estimates: tr Σ ~0.3%, |G|² ~1.6% (its cross term with the noise); without the - tr Σ / n
+    # correction |G|² would come out 12.5% high (11.25)
+    assert r["resolved"] and abs(r["trace_cov"] / 500 - 1) < 0.02 and abs(r["signal_sq"] / 10 - 1) < 0.06
+    assert 46 < r["B"] < 54  # 500 / 10 = 50 units
+    pure = N.noise_scale(sigma * torch.randn(n, P, generator=gen, dtype=torch.float64))  # no signal at all
+    # |ḡ|² of pure noise is (tr Σ / n) χ²_P / P: 1.25 +- 0.04 here, and the estimator takes that 1.25 away
+    assert abs(pure["signal_sq"]) < 0.2 and pure["B_lower"] > 0.9 * n
+    with pytest.raises(ValueError, match="unit_grads"):
+        N.noise_scale(torch.zeros(1, 5))
+
+
+def test_noise_scale_dry_run_measures_both_arms(tmp_path):
+    import noise_scale as N
+
+    out = tmp_path / "noise.json"
+    res = N.measure(dry_run=True, out=out, groups=4)
+    got = strict_json(out)  # an unresolved B is null, never NaN
+    assert got["grpo"]["B"] == res["grpo"]["B"]
+    assert got["groups"] == 4 and got["profile"] == "dry-run"
+    for arm in ("grpo", "sft"):
+        assert got[arm]["units"] == 4 and got[arm]["trace_cov"] >= 0
+    assert -1.0 <= got["cosine_grpo_sft"] <= 1.0
+    with pytest.raises(ValueError, match="groups"):
+        N.measure(dry_run=True, groups=1)
