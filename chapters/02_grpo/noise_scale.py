@@ -8,12 +8,12 @@ the same rate kept it near 29%, although the GRPO gradient pointed the right way
 +0.28 with the SFT gradient on worked solutions of the same prompts) and the 6 batch gradients were orthogonal to
 each other (mean pairwise cosine -0.006): each batch was mostly noise, which Adam turns into full-size steps.
 
-What this measures. McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv:1812.06162, §2.2 and
+What this measures. McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv:1812.06162, §2 and
 Appendix A) define the simple noise scale B = tr(Σ) / |G|², where G is the true gradient and Σ the covariance of a
 one-example gradient: the batch size at which a step's noise and its signal are of equal size. Here the "example" is
 one prompt's group of completions (GRPO's advantages are computed within a group), so B is in prompts: a step of B
 prompts has as much noise as signal, and the chapter's 64 prompts a step are far below it when B is in the thousands.
-From n per-group gradients g_i with mean ḡ, unbiasedly (their Appendix A.1 with two batch sizes, 1 and n):
+From n per-group gradients g_i with mean ḡ, unbiasedly (their Appendix A estimates from two batch sizes; here 1 and n):
 
     tr(Σ) ≈ n/(n-1) (mean |g_i|² - |ḡ|²),      |G|² ≈ |ḡ|² - tr(Σ)/n,      B ≈ tr(Σ) / |G|².
 
