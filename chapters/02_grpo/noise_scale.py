@@ -17,8 +17,8 @@ From n per-group gradients g_i with mean ḡ, unbiasedly (their Appendix A estim
 
     tr(Σ) ≈ n/(n-1) (mean |g_i|² - |ḡ|²),      |G|² ≈ |ḡ|² - tr(Σ)/n,      B ≈ tr(Σ) / |G|².
 
-|G|² can come out negative when the signal is below what n groups can resolve; then B is reported as a lower bound
-(n times the noise-to-signal ratio cannot be computed; ``resolved`` is False).
+|G|² can come out at or below zero when the signal is below what n groups can resolve; then B itself is not
+reported (``resolved`` is False), only the lower bound tr(Σ) / |ḡ|² (|ḡ|² overestimates |G|² by tr(Σ)/n on average).
 
 Usage (one H200 call, ~3 minutes; carry=[".whl"] with chapter 02's wheels; HASH is ``git rev-parse HEAD``):
 
