@@ -170,6 +170,30 @@ def test_noise_scale_recovers_a_known_signal_and_noise():
         N.noise_scale(torch.zeros(1, 5))
 
 
+def test_noise_scale_moments_stream_what_the_batch_formula_computes():
+    torch = pytest.importorskip("torch")
+    import noise_scale as N
+
+    gen = torch.Generator().manual_seed(1)
+    g = 0.3 + torch.randn(9, 50, generator=gen, dtype=torch.float64)
+    m = N.SplitMoments()
+    for row in g:
+        m.add(row.float())  # float32 in, as the gradients come; float64 inside
+    r = m.report()
+    mean = g.mean(0)
+    trace_cov = 9 / 8 * (float((g * g).sum(1).mean()) - float(mean @ mean))
+    assert r["units"] == 9 and abs(r["trace_cov"] - trace_cov) < 1e-5 * trace_cov
+    assert abs(r["signal_sq"] - (float(mean @ mean) - trace_cov / 9)) < 1e-5
+    even, odd = r["halves"]  # units 0, 2, 4, 6, 8 and 1, 3, 5, 7
+    assert (even["units"], odd["units"]) == (5, 4)
+    assert abs(odd["mean_sq"] - float(g[1::2].mean(0) @ g[1::2].mean(0))) < 1e-5
+    with pytest.raises(ValueError, match="at least 2"):
+        N.noise_scale_of(N.Moments())
+    assert N.describe_B({"resolved": True, "B": 49.6, "B_lower": 40.0, "units": 9}) == "50"
+    assert N.describe_B({"resolved": False, "B": None, "B_lower": 102.4, "units": 96}).startswith("> 102 (signal not")
+    assert "all 4 unit gradients are zero" in N.describe_B({"resolved": False, "B": None, "B_lower": None, "units": 4})
+
+
 def test_noise_scale_dry_run_measures_both_arms(tmp_path):
     import noise_scale as N
 
@@ -180,6 +204,7 @@ def test_noise_scale_dry_run_measures_both_arms(tmp_path):
     assert got["groups"] == 4 and got["profile"] == "dry-run"
     for arm in ("grpo", "sft"):
         assert got[arm]["units"] == 4 and got[arm]["trace_cov"] >= 0
+        assert [h["units"] for h in got[arm]["halves"]] == [2, 2]
     assert -1.0 <= got["cosine_grpo_sft"] <= 1.0
     with pytest.raises(ValueError, match="groups"):
         N.measure(dry_run=True, groups=1)

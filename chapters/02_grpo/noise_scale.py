@@ -7,6 +7,11 @@ completions a step) showed the same thing: GRPO at AdamW 3e-4 took pass@1 to 18%
 the same rate kept it near 29%, although the GRPO gradient pointed the right way (its mean over 6 batches had cosine
 +0.28 with the SFT gradient on worked solutions of the same prompts) and the 6 batch gradients were orthogonal to
 each other (mean pairwise cosine -0.006): each batch was mostly noise, which Adam turns into full-size steps.
+Measured here on that CPU start, B for GRPO was not resolved by 96 groups (B > 102 prompts), SFT's was 13 problems.
+With 128 prompts a step instead of 8 (same start, same rate 3e-4, 30 steps, one seed), GRPO no longer collapsed:
+pass@1 31.7% -> 34.4%, beside continued SFT's 34.7% (96 problems x 16 samples at T = 1; at 1e-4 and 20 steps, 33.4%
+and 33.1%; the larger batch also saw 16x the prompts). That points at the batch size, not the gradient's direction;
+and at this scale GRPO and continued SFT gained about as much, which is the comparison rl-beats-continued-sft grades.
 
 What this measures. McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training", arXiv:1812.06162, §2 and
 Appendix A) define the simple noise scale B = tr(Σ) / |G|², where G is the true gradient and Σ the covariance of a
@@ -20,7 +25,7 @@ From n per-group gradients g_i with mean ḡ, unbiasedly (their Appendix A estim
 |G|² can come out at or below zero when the signal is below what n groups can resolve; then B itself is not
 reported (``resolved`` is False), only the lower bound tr(Σ) / |ḡ|² (|ḡ|² overestimates |G|² by tr(Σ)/n on average).
 
-Usage (one H200 call, ~3 minutes; carry=[".whl"] with chapter 02's wheels; HASH is ``git rev-parse HEAD``):
+Usage (one H200 call, ~3-4 minutes at 512 groups; carry=[".whl"] with chapter 02's wheels; HASH is ``git rev-parse HEAD``):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && REPRO_COMMIT=HASH \\
       HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD/src python3 chapters/02_grpo/noise_scale.py \\
@@ -47,27 +52,70 @@ from repro_utils.bench import script_fingerprint  # noqa: E402
 from repro_utils.run import seed_everything  # noqa: E402
 
 ROOT = C.ROOT
-GROUPS = 128  # prompts whose group gradients are measured on the GPU (the dry run: 8)
+GROUPS = 512  # prompts whose group gradients are measured on the GPU (the dry run: 8); a B up to a few
+#                hundred prompts is resolvable from this many (the CPU diagnostic's was above 102)
 
 
-def noise_scale(unit_grads: torch.Tensor) -> dict:
-    """The simple noise scale from n per-unit gradients, shape (n, P), n >= 2 (float64 inside).
+class Moments:
+    """Running sums over unit gradients: their vector sum and the sum of their squared norms (float64, on the
+    gradients' device). That is all the simple noise scale needs, so n gradients never have to be held at once."""
+
+    def __init__(self):
+        self.n, self.sum, self.sq = 0, None, 0.0
+
+    def add(self, g: torch.Tensor) -> None:
+        g = g.reshape(-1).double()
+        self.sum = g.clone() if self.sum is None else self.sum.add_(g)
+        self.sq += float(g @ g)
+        self.n += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+
+def noise_scale_of(m: Moments) -> dict:
+    """The simple noise scale from the moments of n >= 2 unit gradients.
 
     Returns ``trace_cov`` (tr Σ of one unit's gradient), ``signal_sq`` (|G|², unbiased; may be negative),
     ``mean_sq`` (|ḡ|²), ``B`` (tr Σ / |G|² in units, or None when |G|² <= 0), ``B_lower`` (a lower bound on B from
     what n units can resolve: tr Σ / |ḡ|², since |G|² <= |ḡ|² in expectation) and ``resolved`` (|G|² > 0)."""
-    g = unit_grads.double()
-    n = g.shape[0]
-    if g.dim() != 2 or n < 2:
-        raise ValueError(f"unit_grads must be (n >= 2, P), not {tuple(unit_grads.shape)}")
-    mean = g.mean(0)
+    n = m.n
+    if n < 2:
+        raise ValueError(f"the noise scale needs at least 2 unit gradients, got {n}")
+    mean = m.mean()
     mean_sq = float(mean @ mean)
-    per_unit_sq = float((g * g).sum(1).mean())
-    trace_cov = n / (n - 1) * (per_unit_sq - mean_sq)
+    trace_cov = n / (n - 1) * (m.sq / n - mean_sq)
     signal_sq = mean_sq - trace_cov / n
     return {"units": n, "trace_cov": trace_cov, "signal_sq": signal_sq, "mean_sq": mean_sq,
             "B": trace_cov / signal_sq if signal_sq > 0 else None,
             "B_lower": trace_cov / mean_sq if mean_sq > 0 else None, "resolved": signal_sq > 0}
+
+
+def noise_scale(unit_grads: torch.Tensor) -> dict:
+    """``noise_scale_of`` for n per-unit gradients held at once, shape (n, P), n >= 2."""
+    if unit_grads.dim() != 2 or unit_grads.shape[0] < 2:
+        raise ValueError(f"unit_grads must be (n >= 2, P), not {tuple(unit_grads.shape)}")
+    m = Moments()
+    for g in unit_grads:
+        m.add(g)
+    return noise_scale_of(m)
+
+
+class SplitMoments:
+    """Moments of all units, and of the even- and odd-numbered units apart: B from each half says how stable the
+    estimate is (a half has half the units, so it resolves a signal only half as small)."""
+
+    def __init__(self):
+        self.all, self.halves = Moments(), (Moments(), Moments())
+
+    def add(self, g: torch.Tensor) -> None:
+        self.halves[self.all.n % 2].add(g)
+        self.all.add(g)
+
+    def report(self) -> dict:
+        r = noise_scale_of(self.all)
+        r["halves"] = [noise_scale_of(h) for h in self.halves] if self.halves[1].n >= 2 else None
+        return r
 
 
 def _flat_grad(params) -> torch.Tensor:
@@ -80,41 +128,44 @@ def _group_slice(inputs: dict, lo: int, hi: int, batch: int) -> dict:
             for k, v in inputs.items()}
 
 
-def grpo_group_gradients(trainer, rows: list[dict], group_size: int) -> tuple[torch.Tensor, list[float]]:
-    """One gradient of the GRPO loss per prompt's group: TRL generates and scores all groups at once (its own
-    sampler order: each prompt ``group_size`` times in a row), then ``compute_loss`` on each group's rows alone.
-    Returns (n_groups, P) gradients on the CPU and, per group, 1.0 if its advantages are not all zero (it has signal)."""
+def grpo_group_moments(trainer, rows: list[dict], group_size: int, chunk: int = 64) -> tuple[SplitMoments, list[float]]:
+    """The GRPO loss's gradient for each prompt's group, accumulated into moments: TRL generates and scores
+    ``chunk`` prompts' groups at a time (its own sampler order: each prompt ``group_size`` times in a row), then
+    ``compute_loss`` runs on each group's rows alone. Returns the moments and, per group, 1.0 if its advantages are
+    not all zero (it has signal)."""
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
-    inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(group_size)])
-    batch = len(rows) * group_size
-    grads, has_signal = [], []
-    model.train()
-    for i in range(len(rows)):
-        part = _group_slice(inputs, i * group_size, (i + 1) * group_size, batch)
-        model.zero_grad(set_to_none=True)
-        trainer.compute_loss(model, part).backward()
-        grads.append(_flat_grad(params).cpu())
-        has_signal.append(float(part["advantages"].abs().sum() > 0))
+    moments, has_signal = SplitMoments(), []
+    for lo in range(0, len(rows), chunk):
+        part_rows = rows[lo:lo + chunk]
+        inputs = trainer._generate_and_score_completions([r for r in part_rows for _ in range(group_size)])
+        batch = len(part_rows) * group_size
+        model.train()
+        for i in range(len(part_rows)):
+            part = _group_slice(inputs, i * group_size, (i + 1) * group_size, batch)
+            model.zero_grad(set_to_none=True)
+            trainer.compute_loss(model, part).backward()
+            moments.add(_flat_grad(params))
+            has_signal.append(float(part["advantages"].abs().sum() > 0))
     model.zero_grad(set_to_none=True)
-    return torch.stack(grads), has_signal
+    return moments, has_signal
 
 
-def sft_unit_gradients(model, tok, entries: list[dict], device, *, seed: int = 0, filler_prob: float = 0.0) -> torch.Tensor:
-    """One gradient of the supervised loss per problem, on the sequences the continued-SFT arm trains on
-    (``encode_sft``: prompt, worked solution with its optional checks and fillers, eos; the loss is the mean over
-    the solution's tokens)."""
+def sft_unit_moments(model, tok, entries: list[dict], device, *, seed: int = 0, filler_prob: float = 0.0) -> SplitMoments:
+    """The supervised loss's gradient for each problem, accumulated into moments, on the sequences the
+    continued-SFT arm trains on (``encode_sft``: prompt, worked solution with its optional checks and fillers, eos;
+    the loss is the mean over the solution's tokens)."""
     params = [p for p in model.parameters() if p.requires_grad]
     X, M, Y = G.encode_sft(tok, entries, device, seed=seed, filler_prob=filler_prob)
-    grads = []
+    moments = SplitMoments()
     model.train()
     for i in range(len(entries)):
         T = int(M[i].sum())  # right-padded: the sequence without its padding
         model.zero_grad(set_to_none=True)
         model(input_ids=X[i:i + 1, :T], labels=Y[i:i + 1, :T]).loss.backward()
-        grads.append(_flat_grad(params).cpu())
+        moments.add(_flat_grad(params))
     model.zero_grad(set_to_none=True)
-    return torch.stack(grads)
+    return moments
 
 
 def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None) -> dict:
@@ -140,20 +191,31 @@ def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None
                              max_completion_length=P["max_completion_length"], seed=seed,
                              output_dir=tempfile.mkdtemp(prefix="grpo-noise-"), cuda=device.type == "cuda")
     trainer.train()  # one step at lr 0: TRL sets up its accelerator and reference model; the weights do not move
-    g_rl, signal = grpo_group_gradients(trainer, rows, P["group_size"])
-    g_sft = sft_unit_gradients(trainer.model, tok, sets["rl"][:groups], device, seed=seed, filler_prob=P["filler_prob"])
-    m_rl, m_sft = g_rl.double().mean(0), g_sft.double().mean(0)
+    t1 = time.perf_counter()
+    g_rl, signal = grpo_group_moments(trainer, rows, P["group_size"])
+    t_rl = time.perf_counter() - t1
+    g_sft = sft_unit_moments(trainer.model, tok, sets["rl"][:groups], device, seed=seed, filler_prob=P["filler_prob"])
+    m_rl, m_sft = g_rl.all.mean(), g_sft.all.mean()
     res = {"chapter": "02_grpo", "script": "noise_scale.py", "profile": "dry-run" if dry_run else "gpu", "seed": seed,
            "parameters": P, "fingerprint": script_fingerprint(device, ROOT, packages=("transformers", "trl")),
            "groups": groups, "group_size": P["group_size"], "warm_up_s": t_warm,
            "start_val_pass1": 100 * w.curve[-1][1] if w.curve else None,
            "groups_with_signal": sum(signal) / len(signal),
-           "grpo": noise_scale(g_rl), "sft": noise_scale(g_sft),
+           "grpo_measure_s": t_rl, "grpo": g_rl.report(), "sft": g_sft.report(),
            "cosine_grpo_sft": float(m_rl @ m_sft / (m_rl.norm() * m_sft.norm() + 1e-30)),
            "wall_s": time.perf_counter() - t0}
     if out:
         Path(out).write_text(json.dumps(res, indent=1))
     return res
+
+
+def describe_B(r: dict) -> str:
+    """A noise-scale report in words: B, or the bound when n units could not resolve the signal."""
+    if r["resolved"]:
+        return f"{r['B']:.0f}"
+    if r["B_lower"] is None:
+        return f"not measurable (all {r['units']} unit gradients are zero)"
+    return f"> {r['B_lower']:.0f} (signal not resolved by {r['units']} units)"
 
 
 def main(argv=None):
@@ -170,8 +232,9 @@ def main(argv=None):
         sys.exit(2)
     for arm in ("grpo", "sft"):
         r = res[arm]
-        b = f"{r['B']:.0f}" if r["resolved"] else f"> {r['B_lower']:.0f} (signal not resolved by {r['units']} units)"
-        print(f"{arm}: noise scale B = {b} {'prompts' if arm == 'grpo' else 'problems'}")
+        halves = ", ".join(describe_B(h) for h in r["halves"] or [])
+        print(f"{arm}: noise scale B = {describe_B(r)} {'prompts' if arm == 'grpo' else 'problems'}"
+              + (f" (from each half of the units: {halves})" if halves else ""))
     print(f"cosine between the mean GRPO and SFT gradients: {res['cosine_grpo_sft']:+.3f}; groups with signal "
           f"{100 * res['groups_with_signal']:.0f}%; wrote {args.out} in {res['wall_s']:.0f} s")
     return res
