@@ -83,35 +83,35 @@ def _group_slice(inputs: dict, lo: int, hi: int, batch: int) -> dict:
 def grpo_group_gradients(trainer, rows: list[dict], group_size: int) -> tuple[torch.Tensor, list[float]]:
     """One gradient of the GRPO loss per prompt's group: TRL generates and scores all groups at once (its own
     sampler order: each prompt ``group_size`` times in a row), then ``compute_loss`` on each group's rows alone.
-    Returns (n_groups, P) gradients on the CPU and each group's mean reward."""
+    Returns (n_groups, P) gradients on the CPU and, per group, 1.0 if its advantages are not all zero (it has signal)."""
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
     inputs = trainer._generate_and_score_completions([r for r in rows for _ in range(group_size)])
     batch = len(rows) * group_size
-    grads, rewards = [], []
+    grads, has_signal = [], []
     model.train()
     for i in range(len(rows)):
         part = _group_slice(inputs, i * group_size, (i + 1) * group_size, batch)
         model.zero_grad(set_to_none=True)
         trainer.compute_loss(model, part).backward()
         grads.append(_flat_grad(params).cpu())
-        rewards.append(float(part["advantages"].abs().sum() > 0))  # a group with any signal
+        has_signal.append(float(part["advantages"].abs().sum() > 0))
     model.zero_grad(set_to_none=True)
-    return torch.stack(grads), rewards
+    return torch.stack(grads), has_signal
 
 
-def sft_unit_gradients(model, tok, entries: list[dict], device) -> torch.Tensor:
-    """One gradient of the supervised loss (worked solution after the prompt, mean over its tokens) per problem."""
+def sft_unit_gradients(model, tok, entries: list[dict], device, *, seed: int = 0, filler_prob: float = 0.0) -> torch.Tensor:
+    """One gradient of the supervised loss per problem, on the sequences the continued-SFT arm trains on
+    (``encode_sft``: prompt, worked solution with its optional checks and fillers, eos; the loss is the mean over
+    the solution's tokens)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    X, M, Y = G.encode_sft(tok, entries, device, seed=seed, filler_prob=filler_prob)
     grads = []
     model.train()
-    for e in entries:
-        p = tok(G.prompt_of(e), add_special_tokens=False)["input_ids"]
-        s = tok(G.worked_solution(e), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([p + s], device=device)
-        labels = torch.tensor([[-100] * len(p) + s], device=device)
+    for i in range(len(entries)):
+        T = int(M[i].sum())  # right-padded: the sequence without its padding
         model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=labels).loss.backward()
+        model(input_ids=X[i:i + 1, :T], labels=Y[i:i + 1, :T]).loss.backward()
         grads.append(_flat_grad(params).cpu())
     model.zero_grad(set_to_none=True)
     return torch.stack(grads)
@@ -141,7 +141,7 @@ def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None
                              output_dir=tempfile.mkdtemp(prefix="grpo-noise-"), cuda=device.type == "cuda")
     trainer.train()  # one step at lr 0: TRL sets up its accelerator and reference model; the weights do not move
     g_rl, signal = grpo_group_gradients(trainer, rows, P["group_size"])
-    g_sft = sft_unit_gradients(trainer.model, tok, sets["rl"][:groups], device)
+    g_sft = sft_unit_gradients(trainer.model, tok, sets["rl"][:groups], device, seed=seed, filler_prob=P["filler_prob"])
     m_rl, m_sft = g_rl.double().mean(0), g_sft.double().mean(0)
     res = {"chapter": "02_grpo", "script": "noise_scale.py", "profile": "dry-run" if dry_run else "gpu", "seed": seed,
            "parameters": P, "fingerprint": script_fingerprint(device, ROOT, packages=("transformers", "trl")),
