@@ -15,6 +15,10 @@ per weight with group-128 scales and zeros). Whichever is lower bounds the kerne
 
     python3 scripts/ch04_int4_sass.py                      # the chapter's default configurations, Llama-3-8B MLP
     python3 scripts/ch04_int4_sass.py --all                # every candidate tune_int4 tries at M = 1
+
+The default report has three kernels per shape: the fp32 GEMV at its default configuration (M = 1), the fp16x2
+GEMV (``_int4_gemv_h2_kernel``) at the same tiles, and the tensor-core kernel at its M = 16 default; a table of
+the two GEMVs side by side follows.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ TYPES = {"X": "*bf16", "Wp": "*i32", "S": "*bf16", "Z": "*u8", "Y": "*bf16", "WS
 BITS_PER_WEIGHT = 4 + (16 + 8) / 128  # the nibble, and a bf16 scale and a uint8 zero per group of 128
 
 
-def compile_kernel(cfg: ptq.Int4Config, N: int, K: int):
-    """The kernel ``int4_matmul`` launches for ``cfg`` at (N, K), compiled for sm_90."""
-    jit = ptq._int4_gemv_kernel if cfg.kernel == "gemv" else ptq._int4_mma_kernel
+def compile_kernel(cfg: ptq.Int4Config, N: int, K: int, kernel: str):
+    """The kernel ``int4_matmul`` launches for ``cfg`` at (N, K), compiled for sm_90; kernel "gemv_h2": the one
+    ``int4_gemv_h2`` launches on the same tiles."""
+    jit = {"gemv": ptq._int4_gemv_kernel, "gemv_h2": ptq._int4_gemv_h2_kernel, "mma": ptq._int4_mma_kernel}[kernel]
     constants = {"G": 128, "BLOCK_N": cfg.BLOCK_N, "SPLIT_K": cfg.SPLIT_K, "K_ITERS": K // (cfg.SPLIT_K * cfg.k_step()),
                  "ASM": True}
-    constants.update({"KW": cfg.KW} if cfg.kernel == "gemv" else {"BLOCK_M": cfg.BLOCK_M, "F32_DOT": False})
+    constants.update({"KW": cfg.KW} if cfg.kernel != "mma" else {"BLOCK_M": cfg.BLOCK_M, "F32_DOT": False})
     return compile_sm90(jit, TYPES, constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                         aligned=("N", "stride_xm"))
 
@@ -68,22 +73,22 @@ def opcode(line: str) -> str:
     return body.split()[0].rstrip(";") if body.split() else "?"
 
 
-def report(cfg: ptq.Int4Config, N: int, K: int, args) -> dict:
-    compiled = compile_kernel(cfg, N, K)
+def report(cfg: ptq.Int4Config, N: int, K: int, args, kernel: str) -> dict:
+    compiled = compile_kernel(cfg, N, K, kernel)
     regs, spill = registers_and_spills(compiled)
     loop = main_loop(cuobjdump(compiled, "-sass"))
     ops = Counter(opcode(ln).split(".")[0] for ln in loop)
     loads = Counter(m.group(0) for m in re.finditer(r"LDG\.E[.A-Z0-9]*", "\n".join(loop)))
     # weights one thread handles per loop iteration: gemv steps over KW word rows, mma over one 128-input group
-    rows = 8 * cfg.KW if cfg.kernel == "gemv" else 128
+    rows = 8 * cfg.KW if cfg.kernel != "mma" else 128
     per_thread = rows * cfg.BLOCK_N / (32 * cfg.num_warps)
     instr = len(loop) / per_thread
     issue = args.sms * 4 * args.clock_ghz * 1e9 * 32  # thread instructions per second
     bf16_weights = args.bf16_tbps * 1e12 / 2
-    return {"cfg": cfg, "regs": regs, "spill": spill, "loop": len(loop), "per_weight": instr,
+    return {"cfg": cfg, "kernel": kernel, "regs": regs, "spill": spill, "loop": len(loop), "per_weight": instr,
             "issue_ceiling_x": issue / instr / bf16_weights,
             "bandwidth_ceiling_x": args.bf16_tbps * 16 / BITS_PER_WEIGHT / args.bf16_tbps,
-            "ops": ops.most_common(8), "loads": dict(loads)}
+            "ops": ops.most_common(10), "op_counts": ops, "loads": dict(loads)}
 
 
 def main(argv=None) -> int:
@@ -96,17 +101,31 @@ def main(argv=None) -> int:
     shapes = {"up/gate 14336 x 4096": (14336, 4096), "down 4096 x 14336": (4096, 14336)}
     print(f"triton {triton.__version__}, sm_90; ceilings as multiples of a bf16 GEMV at {args.bf16_tbps} TB/s; "
           f"issue ceiling from {args.sms} SMs x 4 schedulers x {args.clock_ghz} GHz")
+    table = []
     for label, (N, K) in shapes.items():
-        cfgs = ptq.int4_candidates(1, N, K) if args.all else [ptq.int4_config(1, N, K), ptq.int4_config(16, N, K)]
-        for cfg in cfgs:
-            r = report(cfg, N, K, args)
+        gemv = ptq.int4_config(1, N, K)
+        cfgs = ptq.int4_candidates(1, N, K) if args.all else [gemv, ptq.int4_config(16, N, K)]
+        runs = [(c, k) for c in cfgs for k in ((c.kernel, "gemv_h2") if c.kernel == "gemv" else (c.kernel,))]
+        for cfg, kernel in runs:
+            r = report(cfg, N, K, args, kernel)
             c = r["cfg"]
-            print(f"{label}: {c.kernel} BLOCK_M={c.BLOCK_M} BLOCK_N={c.BLOCK_N} SPLIT_K={c.SPLIT_K} "
-                  f"warps={c.num_warps} stages={c.num_stages}" + (f" KW={c.KW}" if c.kernel == "gemv" else ""))
+            if cfg == gemv:
+                table.append((label, r))
+            print(f"{label}: {kernel} BLOCK_M={c.BLOCK_M} BLOCK_N={c.BLOCK_N} SPLIT_K={c.SPLIT_K} "
+                  f"warps={c.num_warps} stages={c.num_stages}" + (f" KW={c.KW}" if c.kernel != "mma" else ""))
             print(f"    {r['regs']} registers, {r['spill']} bytes spilled; main loop {r['loop']} instructions, "
                   f"{r['per_weight']:.2f} per weight -> issue ceiling {r['issue_ceiling_x']:.2f}x bf16 "
                   f"(INT4 bandwidth ceiling {r['bandwidth_ceiling_x']:.2f}x)")
             print(f"    opcodes: {r['ops']}; global loads: {r['loads']}")
+    print("\nthe two GEMVs side by side (M = 1, the default tiles; instructions per weight of the main loop)")
+    ops = ("LOP3", "SHF", "FFMA", "HFMA2", "HADD2", "IMAD", "LDG", "PRMT", "F2FP")
+    print(f"{'shape':22} {'kernel':8} {'regs':>4} {'spill':>5} {'instr/w':>7} {'issue':>6} {'bw':>6}  "
+          + " ".join(f"{o:>6}" for o in ops))
+    for label, r in table:
+        w = r["loop"] / r["per_weight"]  # weights per thread per iteration
+        print(f"{label:22} {r['kernel']:8} {r['regs']:4d} {r['spill']:5d} {r['per_weight']:7.2f} "
+              f"{r['issue_ceiling_x']:5.2f}x {r['bandwidth_ceiling_x']:5.2f}x  "
+              + " ".join(f"{r['op_counts'][o] / w:6.2f}" for o in ops))
     return 0
 
 

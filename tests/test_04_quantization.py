@@ -568,6 +568,121 @@ def test_int4_sass_report_counts_the_main_loop_of_the_sm90_kernels():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_sass.py")], capture_output=True,
                          text=True, env=env, timeout=300, check=True).stdout
     per_weight = [float(x) for x in re.findall(r"([0-9.]+) per weight", out)]
-    assert len(per_weight) == 4 and all(2.0 <= x < 20 for x in per_weight), out
-    assert re.findall(r"(\d+) bytes spilled", out) == ["0"] * 4, out
+    assert len(per_weight) == 6 and all(2.0 <= x < 20 for x in per_weight), out  # gemv, gemv_h2, mma; 2 shapes
+    assert re.findall(r"(\d+) bytes spilled", out) == ["0"] * 6, out
     assert "LDG.E.EF.128" in out, out
+
+
+# The fp16x2 GEMV (_int4_gemv_h2_kernel, issue 18): the same problem as the fp32 GEMV with the products in packed
+# fp16. In the interpreter it runs its pure-Triton path (the PTX cannot run on the CPU); the PTX path is checked
+# by compiling it for sm_90 (the SASS test below).
+
+@needs_triton
+def test_gemv_h2_takes_one_token_and_gemv_tiles():
+    w4 = ptq.Int4Weight.from_qweight(ptq.rtn(torch.randn(32, 256, generator=torch.Generator().manual_seed(3)), 4, 128))
+    with pytest.raises(ValueError, match="'gemv' configuration"):
+        ptq.int4_gemv_h2(torch.randn(1, 256).to(torch.bfloat16), w4, ptq.Int4Config("mma", 16, 32))
+    with pytest.raises(ValueError, match="one token"):
+        ptq.int4_gemv_h2(torch.randn(2, 256).to(torch.bfloat16), w4, ptq.Int4Config("gemv", 1, 32, num_warps=1))
+    with pytest.raises(ValueError, match="multiple of SPLIT_K"):
+        ptq.int4_gemv_h2(torch.randn(1, 256).to(torch.bfloat16), w4, ptq.Int4Config("gemv", 1, 32, SPLIT_K=4, KW=16))
+
+
+@needs_triton
+@pytest.mark.parametrize("N", [96, 72])
+@pytest.mark.parametrize("config", [
+    ptq.Int4Config("gemv", 1, 32, num_warps=1, KW=16),
+    ptq.Int4Config("gemv", 1, 64, SPLIT_K=2, num_warps=2, KW=8),
+    ptq.Int4Config("gemv", 1, 32, SPLIT_K=4, num_warps=1, KW=4),
+])
+def test_gemv_h2_fallback_matches_dequantized_matmul(N, config):
+    g = torch.Generator().manual_seed(N)
+    W = torch.randn(N, 512, generator=g) * 0.02
+    w4 = ptq.Int4Weight.from_qweight(ptq.rtn(W, 4, 128))
+    x = torch.randn(1, 512, generator=g).to(torch.bfloat16)
+    ref = x.float() @ w4.dequantize().t()
+    for _ in range(2):
+        y = ptq.int4_gemv_h2(x, w4, config)
+        assert y.shape == (1, N) and y.dtype == torch.bfloat16
+        # the fp32 GEMV's tolerance: one bf16 ulp of the largest output (the fp16 sums of 4·KW products err
+        # by about 2^-11 of their size, well inside it)
+        assert (y.float() - ref).abs().max() <= 2.0**-7 * ref.abs().max()
+    if config.SPLIT_K > 1:
+        ws, cnt = ptq._WORKSPACE[x.device]
+        assert not ws.any() and not cnt.any()
+
+
+def emulate_gemv_h2(x, w4, KW):
+    """_int4_gemv_h2_kernel's arithmetic written independently in torch, in float64 with explicit roundings to
+    fp16 (every fp16 operation rounds once), from the unpacked codes rather than the words' bits."""
+    N, K = w4.shape
+    f16 = lambda t: t.to(torch.float16).to(torch.float64)  # noqa: E731
+    q = ptq.unpack_int4(w4.packed).double()  # (N, K)
+    z = w4.zero.t().double().repeat_interleave(w4.group_size, 1)  # (N, K)
+    w = (q - z) / 16  # exact in fp16
+    xh = f16(x[0].float().double())
+    out = torch.zeros(N, dtype=torch.float64)
+    for k0 in range(0, K, 8 * KW):
+        base, r0 = k0 - k0 % 128, k0 % 128 // 8
+        rows = []
+        for r in range(KW):
+            half = []
+            for hi in (0, 1):  # the low half holds nibble p, the high half nibble p + 4
+                a = torch.zeros(N, dtype=torch.float64)
+                for p in range(4):
+                    k = base + 16 * (p + 4 * hi) + r0 + r
+                    a = f16(w[:, k] * xh[k] + a)
+                half.append(a)
+            rows.append(half)
+        sums = rows[0]
+        for r in range(1, KW):  # the rows in order, in fp16
+            sums = [f16(sums[h] + rows[r][h]) for h in (0, 1)]
+        s = w4.scale.t().double()[:, k0 // w4.group_size]
+        out += (16 * s) * (sums[0] + sums[1])
+    return out
+
+
+@needs_triton
+def test_gemv_h2_fallback_rounds_like_fp16():
+    # inputs up to ±1000: each fp16 partial sum is then ~1e3-1e4, where fp16's spacing (0.5-8) dwarfs fp32's,
+    # so the kernel's result must follow the fp16 roundings written out in emulate_gemv_h2, not the exact sum;
+    # and 4·KW products of |x| ≤ 1000 each stay below fp16's 65504 only because the weights are (q - z)/16
+    N, K, KW = 40, 512, 8
+    g = torch.Generator().manual_seed(11)
+    w4 = ptq.Int4Weight.from_qweight(ptq.rtn(torch.randn(N, K, generator=g) * 0.02, 4, 128))
+    x = ((torch.rand(1, K, generator=g) * 2 - 1) * 1000).to(torch.bfloat16)
+    y = ptq.int4_gemv_h2(x, w4, ptq.Int4Config("gemv", 1, 64, num_warps=2, KW=KW)).double()[0]
+    em = emulate_gemv_h2(x, w4, KW)
+    exact = x.double() @ w4.dequantize().double().t()
+    assert torch.isfinite(y).all()
+    ulp = 2.0 ** (torch.floor(torch.log2(em.abs().clamp_min(2.0**-20 * em.abs().max()))) - 7)  # bf16 ulp
+    assert ((y - em).abs() <= ulp).all()
+    assert ((em - exact[0]).abs() > 2 * ulp).any()  # the exact sum would fail the check above ...
+    assert (em - exact[0]).abs().max() <= 2.0**-8 * exact.abs().max()  # ... and small
+
+
+def test_gemv_h2_sass_has_packed_fp16_and_fewer_instructions_per_weight():
+    # Compile both GEMVs for sm_90 (scripts/ch04_int4_sass.py, its own process) and read its side-by-side table:
+    # the fp16x2 kernel's main loop must convert nibbles with lop3 (about one per 2 weights), multiply with
+    # HFMA2 (about one per 2 weights for the dequantization, one per 2 for the products), do no fp32 FFMA per
+    # weight, spill nothing, and issue fewer instructions per weight than the fp32 GEMV at the same tiles.
+    import re
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_sass.py")], capture_output=True,
+                         text=True, env=env, timeout=300, check=True).stdout
+    head = out[out.index("the two GEMVs side by side"):].splitlines()[1].split()
+    rows = {}
+    for line in out[out.index("the two GEMVs side by side"):].splitlines()[2:]:
+        m = re.match(r"(up/gate|down) .*?(gemv_h2|gemv)\s+(.*)", line)
+        if m:
+            cols = m.group(3).replace("x", "").split()
+            rows[m.group(1), m.group(2)] = dict(zip(head[head.index("regs"):], map(float, cols)))
+    assert len(rows) == 4, out
+    for shape in ("up/gate", "down"):
+        old, new = rows[shape, "gemv"], rows[shape, "gemv_h2"]
+        assert new["spill"] == 0 and new["regs"] <= 255
+        assert new["instr/w"] < old["instr/w"] - 1.0, out
+        assert 0.4 <= new["LOP3"] <= 0.7 and new["HFMA2"] >= 0.95 and new["FFMA"] < 0.2, out
+        assert new["issue"] > old["issue"]

@@ -7,6 +7,8 @@ The notebook shows these functions with ``repro_utils.display.show``; what it sh
 3. FP8 e4m3, row-wise scales ........................ fp8_rowwise, fp8_fake_quant, fp8_quant_rows, fp8_linear
 4. INT4 weight-only ................................. Int4Weight, pack_int4, _int4_gemv_kernel and _int4_mma_kernel
                                                       (Triton), int4_matmul, tune_int4, int4_linear,
+                                                      the fp16x2 GEMV beside them (_int4_gemv_h2_kernel,
+                                                      int4_gemv_h2, tune_int4_gemvs),
                                                       tinygemm_pack / tinygemm_linear (torch's built-in kernel)
 5. Models: a small GPT (quality), a Llama-3-8B-shaped decoder (speed)
 6. Measurement: training, perplexity, timing sweeps, ceilings of the machine (read_floor: the INT4 bytes' floor)
@@ -427,6 +429,149 @@ if triton is not None:
             Wt, s, z = W_next, s_next, z_next
         _store_tile(Y, WS, CNT, acc, rn, n_ok, pid_n, SPLIT_K)
 
+    # The half2 GEMV: four nibbles of a word in two packed fp16 instructions each, two weights per instruction.
+    # The conversion is the magic-number trick of NVIDIA FasterTransformer (interleaved_numeric_conversion.h)
+    # and of Marlin (Frantar et al. 2024, arXiv:2408.11743, its dequant()): a nibble OR-ed into the mantissa
+    # of 1024.0 (fp16 0x6400, whose last mantissa bit is worth 1) *is* the fp16 number 1024 + q, so one lop3
+    # turns two nibbles (one per 16-bit half) into two fp16 numbers, and one packed fma removes the 1024 and
+    # the zero point. The code below is this chapter's own; the layout (pairs j, j + 4) is pack_int4's.
+    # Why fp16 and not bf16: bf16 keeps 8 significant bits, so the products (q - z)·x (up to 12 bits) and
+    # their sums would round 8 times coarser than in fp16 (11 bits); fp16 keeps the sums within the chapter's
+    # tolerance. x is converted to fp16 (exact in fp16's normal range, [6.1e-5, 65504]); the price is range:
+    # see _int4_gemv_h2_kernel.
+
+    @triton.jit
+    def _bits_f16(v, hi: tl.constexpr):
+        """Half ``hi`` (0: bits 0-15, 1: bits 16-31) of the int32 tile v, as fp16 (the interpreter's path)."""
+        h = (v >> 16) if hi else v
+        return (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _f16_bits(lo, hi):
+        """Two fp16 tiles packed into one int32 tile: lo in bits 0-15, hi in bits 16-31 (the interpreter's path)."""
+        lo32 = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo32 | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _x_pair_h2(xa, xb, ASM: tl.constexpr):
+        """Two bf16 tiles as one int32 tile of fp16 pairs (xa low, xb high), each rounded to nearest."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .f32 a, b; cvt.f32.bf16 a, $1; cvt.f32.bf16 b, $2; cvt.rn.f16x2.f32 $0, b, a; }",
+                "=r,h,h", [xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return _f16_bits(xa.to(tl.float32).to(tl.float16), xb.to(tl.float32).to(tl.float16))
+
+    @triton.jit
+    def _add_h2_asm(a, b):
+        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _add_h2_emulated(a, b):
+        lo = (_bits_f16(a, 0).to(tl.float32) + _bits_f16(b, 0).to(tl.float32)).to(tl.float16)  # fp32 is
+        hi = (_bits_f16(a, 1).to(tl.float32) + _bits_f16(b, 1).to(tl.float32)).to(tl.float16)  # exact here
+        return _f16_bits(lo, hi)
+
+    @triton.jit
+    def _h2_sum_f32(v, ASM: tl.constexpr):
+        """The two fp16 halves of each int32 of v, added in fp32."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .f16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h; "
+                "add.f32 $0, a, b; }", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return _bits_f16(v, 0).to(tl.float32) + _bits_f16(v, 1).to(tl.float32)
+
+    @triton.jit
+    def _fma_h2_emulated(a, b, c):
+        """fma.rn.f16x2 on int32 tiles of fp16 pairs: a·b + c per half, rounded once (in float64 the product
+        of two fp16 numbers and its sum with a third are exact, so one rounding to fp16 remains)."""
+        lo = (_bits_f16(a, 0).to(tl.float64) * _bits_f16(b, 0).to(tl.float64)
+              + _bits_f16(c, 0).to(tl.float64)).to(tl.float16)
+        hi = (_bits_f16(a, 1).to(tl.float64) * _bits_f16(b, 1).to(tl.float64)
+              + _bits_f16(c, 1).to(tl.float64)).to(tl.float16)
+        return _f16_bits(lo, hi)
+
+    @triton.jit
+    def _word_dot_h2(W, za, zb, x0, x1, x2, x3, acc, ASM: tl.constexpr):
+        """acc + Σ_p w_p·x_p over the four nibble pairs p = (j, j + 4) of each word, in fp16x2: w_p = (q - z)/16.
+
+        Pairs (0, 4) and (2, 6) sit at bits 0-3 and 16-19 of W and of W >> 8: (v & 0x000F000F) | 0x64006400
+        is 1024 + q in each half, and fma(t, 1/16, za) with za = -(64 + z/16) gives (q - z)/16. Pairs (1, 5) and
+        (3, 7) sit at bits 4-7 and 20-23: the lop3 gives 1024 + 16q, and fma(t, 1/256, zb), zb = -(4 + z/16),
+        gives (q - z)/16 again. Every step is exact up to the products' sums; the 1/16 keeps them as large
+        as x at most (|q - z| ≤ 15). Per word: 1 shift, 4 lop3, 8 fma.f16x2, i.e. 13 instructions for 8 weights."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t, v, w, a, c16, c256;\n"
+                " mov.b32 c16, 0x2C002C00; mov.b32 c256, 0x1C001C00;\n"
+                " lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 w, t, c16, $2; fma.rn.f16x2 a, w, $4, $8;\n"
+                " lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 w, t, c256, $3; fma.rn.f16x2 a, w, $5, a;\n"
+                " shr.u32 v, $1, 8;\n"
+                " lop3.b32 t, v, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 w, t, c16, $2; fma.rn.f16x2 a, w, $6, a;\n"
+                " lop3.b32 t, v, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 w, t, c256, $3; fma.rn.f16x2 $0, w, $7, a; }",
+                "=r,r,r,r,r,r,r,r,r", [W, za, zb, x0, x1, x2, x3, acc], dtype=tl.int32, is_pure=True, pack=1)
+        else:  # the same steps, one fp16 half at a time
+            c16 = tl.full(W.shape, 0x2C002C00, tl.int32)  # 1/16 in both halves
+            c256 = tl.full(W.shape, 0x1C001C00, tl.int32)  # 1/256
+            V = (W >> 8) & 0x00FFFFFF  # shr.u32: a logical shift
+            acc = _fma_h2_emulated(_fma_h2_emulated((W & 0x000F000F) | 0x64006400, c16, za), x0, acc)
+            acc = _fma_h2_emulated(_fma_h2_emulated((W & 0x00F000F0) | 0x64006400, c256, zb), x1, acc)
+            acc = _fma_h2_emulated(_fma_h2_emulated((V & 0x000F000F) | 0x64006400, c16, za), x2, acc)
+            return _fma_h2_emulated(_fma_h2_emulated((V & 0x00F000F0) | 0x64006400, c256, zb), x3, acc)
+
+    @triton.jit
+    def _int4_gemv_h2_kernel(X, Wp, S, Z, Y, WS, CNT, N, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             KW: tl.constexpr, SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, ASM: tl.constexpr):
+        """``_int4_gemv_kernel``'s problem, grid and tiles, with the products in packed fp16 (``_word_dot_h2``):
+        per word of the [KW, BLOCK_N] tile, four fp16x2 products (its 8 weights) summed in fp16; then the KW
+        rows are summed in fp16 (KW - 1 packed adds) and the two halves once in fp32, which also accumulates
+        over steps and applies the scale. Each fp16 sum so covers 4·KW products of at most |x| each.
+
+        Range: x is rounded to fp16, so |x| must stay below 65504 / (4·KW) for no partial sum to overflow, and
+        inputs below 6.1e-5 lose precision (fp16 subnormals). Fine for normalized activations; an input with
+        outliers in the thousands needs the fp32 kernel (``_int4_gemv_kernel``), which ``tune_int4`` keeps
+        among its candidates."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, KW)
+        n_ok = rn < N
+        k_first = pid_k * K_ITERS * 8 * KW
+        w_ptrs = Wp + (k_first // 8 + rr)[:, None] * N + rn[None, :]
+        Wt = tl.load(w_ptrs, mask=n_ok[None, :], other=0, eviction_policy="evict_first")
+        s = tl.load(S + (k_first // G) * N + rn, mask=n_ok, other=0.0)
+        z = tl.load(Z + (k_first // G) * N + rn, mask=n_ok, other=0)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zero = tl.zeros((KW, BLOCK_N), dtype=tl.int32)  # fp16x2 (+0, +0)
+        for it in range(K_ITERS):
+            k0 = k_first + it * 8 * KW
+            more = it + 1 < K_ITERS
+            g_next = (k0 + 8 * KW) // G
+            W_next = tl.load(w_ptrs + (it + 1) * KW * N, mask=n_ok[None, :] & more, other=0,
+                             eviction_policy="evict_first")
+            s_next = tl.load(S + g_next * N + rn, mask=n_ok & more, other=0.0)
+            z_next = tl.load(Z + g_next * N + rn, mask=n_ok & more, other=0)
+            # x[16·j + r] for the KW rows r of this step: KW contiguous bf16, KW-aligned (k0 is a multiple of 8·KW)
+            xo = tl.multiple_of(k0 - k0 % 128 + k0 % 128 // 8, KW) + rr
+            x0 = _x_pair_h2(tl.load(X + xo), tl.load(X + xo + 64), ASM)  # inputs of nibbles 0 and 4
+            x1 = _x_pair_h2(tl.load(X + xo + 16), tl.load(X + xo + 80), ASM)  # 1 and 5
+            x2 = _x_pair_h2(tl.load(X + xo + 32), tl.load(X + xo + 96), ASM)  # 2 and 6
+            x3 = _x_pair_h2(tl.load(X + xo + 48), tl.load(X + xo + 112), ASM)  # 3 and 7
+            zf = z.to(tl.float32) * 0.0625
+            za = _f16_bits((-64.0 - zf).to(tl.float16), (-64.0 - zf).to(tl.float16))  # exact: 11 bits
+            zb = _f16_bits((-4.0 - zf).to(tl.float16), (-4.0 - zf).to(tl.float16))
+            part = _word_dot_h2(Wt, za[None, :], zb[None, :], x0[:, None], x1[:, None], x2[:, None],
+                                x3[:, None], zero, ASM)
+            if ASM:
+                part = tl.reduce(part, 0, _add_h2_asm)
+            else:
+                part = tl.reduce(part, 0, _add_h2_emulated)
+            acc += (16.0 * s.to(tl.float32)) * _h2_sum_f32(part, ASM)
+            Wt, s, z = W_next, s_next, z_next
+        _store_tile(Y, WS, CNT, acc, rn, n_ok, pid_n, SPLIT_K)
+
     @triton.jit
     def _dot_slab(X, rm, m_ok, stride_xm, rk, w, part, F32_DOT: tl.constexpr):
         """part += x[rm, rk] @ w, for one [16, BLOCK_N] bf16 slab w of the weight."""
@@ -646,6 +791,58 @@ def tune_int4(problems, *, device="cuda", seed: int = 0, rep: int = 20, log=None
                 best = (c, ms)
         if best is not None:
             INT4_TUNED[(N, K, m_bucket(M))] = best[0]
+    return rows
+
+
+def int4_gemv_h2(x: torch.Tensor, w: Int4Weight, config: Int4Config | None = None) -> torch.Tensor:
+    """y = x Wᵀ for one token with ``_int4_gemv_h2_kernel`` (products in packed fp16), on the tiles of a "gemv"
+    configuration (default: the one ``int4_matmul`` would take). Kept beside ``int4_matmul``, which does not
+    dispatch to it: the chapter's published choice stays the fp32 GEMV until a GPU has timed both
+    (``tune_int4_gemvs``)."""
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    if x.shape[-1] != K or x2.shape[0] != 1:
+        raise ValueError(f"the gemv kernels compute one token of {K} features, got x of shape {tuple(x.shape)}")
+    c = config or int4_config(1, N, K)
+    if c.kernel != "gemv":
+        raise ValueError(f"int4_gemv_h2 runs the tiles of a 'gemv' configuration, got {c.kernel!r}")
+    if K % (c.SPLIT_K * c.k_step()):
+        raise ValueError(f"K={K} is not a multiple of SPLIT_K · {c.k_step()} = {c.SPLIT_K * c.k_step()}")
+    y = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    ws, cnt = _workspace(x.device, N, triton.cdiv(N, c.BLOCK_N)) if c.SPLIT_K > 1 else (y, y)
+    _int4_gemv_h2_kernel[(triton.cdiv(N, c.BLOCK_N), c.SPLIT_K)](
+        x2.contiguous(), w.packed, w.scale, w.zero, y, ws, cnt, N, G=w.group_size, BLOCK_N=c.BLOCK_N, KW=c.KW,
+        SPLIT_K=c.SPLIT_K, K_ITERS=K // (c.SPLIT_K * c.k_step()), ASM=not INTERPRET, num_warps=c.num_warps,
+        num_stages=c.num_stages)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def tune_int4_gemvs(problems, *, device="cuda", seed: int = 0, rep: int = 20, log=None) -> list[dict]:
+    """Time the fp32 GEMV (``int4_matmul``) and the fp16x2 GEMV (``int4_gemv_h2``) on every "gemv" candidate of
+    ``int4_candidates`` for each (N, K) at M = 1, in one run, on the same weights and input, timed as
+    ``tune_int4`` times (CUDA-graph replays). One row per (problem, tiles, kernel) with its time and its error
+    against the dequantized reference; it leaves INT4_TUNED alone (the published choice is ``tune_int4``'s)."""
+    from repro_utils.bench import time_fn
+
+    global NUM_SMS
+    NUM_SMS = torch.cuda.get_device_properties(device).multi_processor_count
+    rows = []
+    g = torch.Generator(device=device).manual_seed(seed)
+    for N, K in problems:
+        w4 = Int4Weight.from_qweight(rtn(torch.randn(N, K, generator=g, device=device) * 0.02, 4, 128))
+        x = torch.randn(1, K, generator=g, device=device).to(torch.bfloat16)
+        ref = x.float() @ w4.dequantize().t()
+        for c in (c for c in int4_candidates(1, N, K) if c.kernel == "gemv"):
+            for name, fn in (("gemv", int4_matmul), ("gemv_h2", int4_gemv_h2)):
+                try:
+                    y = torch.stack([fn(x, w4, c) for _ in range(2)]).float()  # 2nd: workspace left clean?
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                    ms = time_fn(partial(fn, x, w4, c), warmup=5, rep=rep, graph=True).ms
+                except Exception as e:  # noqa: BLE001 - a candidate that does not compile here is simply skipped
+                    if log:
+                        log(f"skipped {name} {c} for N={N}, K={K}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                rows.append({"M": 1, "N": N, "K": K, "kernel": name, "config": c, "us": 1e3 * ms, "rel_err": err})
     return rows
 
 
