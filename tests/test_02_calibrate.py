@@ -194,6 +194,14 @@ def test_noise_scale_moments_stream_what_the_batch_formula_computes():
     assert "all 4 unit gradients are zero" in N.describe_B({"resolved": False, "B": None, "B_lower": None, "units": 4})
 
 
+def test_noise_scale_generation_chunks_cover_every_prompt_once():
+    import noise_scale as N
+
+    assert N.chunk_sizes(512) == [32, 64, 128, 256, 32]  # the gpu default: each size timed, 32 twice
+    assert N.chunk_sizes(100) == [32, 64, 4] and N.chunk_sizes(4) == [4]
+    assert N.chunk_sizes(7, sizes=(2,)) == [2, 2, 2, 1]
+
+
 def test_noise_scale_dry_run_measures_both_arms(tmp_path):
     import noise_scale as N
 
@@ -205,6 +213,7 @@ def test_noise_scale_dry_run_measures_both_arms(tmp_path):
     for arm in ("grpo", "sft"):
         assert got[arm]["units"] == 4 and got[arm]["trace_cov"] >= 0
         assert [h["units"] for h in got[arm]["halves"]] == [2, 2]
+    assert [(c["prompts"], c["completions"]) for c in got["generation_calls"]] == [(4, 4 * got["group_size"])]
     assert -1.0 <= got["cosine_grpo_sft"] <= 1.0
     with pytest.raises(ValueError, match="groups"):
         N.measure(dry_run=True, groups=1)

@@ -128,27 +128,50 @@ def _group_slice(inputs: dict, lo: int, hi: int, batch: int) -> dict:
             for k, v in inputs.items()}
 
 
-def grpo_group_moments(trainer, rows: list[dict], group_size: int, chunk: int = 64) -> tuple[SplitMoments, list[float]]:
-    """The GRPO loss's gradient for each prompt's group, accumulated into moments: TRL generates and scores
-    ``chunk`` prompts' groups at a time (its own sampler order: each prompt ``group_size`` times in a row), then
-    ``compute_loss`` runs on each group's rows alone. Returns the moments and, per group, 1.0 if its advantages are
-    not all zero (it has signal)."""
+CHUNKS = (32, 64, 128, 256)  # prompts generated per call, in turn (then 32 again, ...): the time of each call is
+#                                recorded, so the run also says how generation time grows with the batch
+
+
+def chunk_sizes(n: int, sizes=CHUNKS) -> list[int]:
+    """Split n prompts into generation calls of the sizes in ``sizes``, cycling, the last one cut to fit."""
+    out, i = [], 0
+    while sum(out) < n:
+        out.append(min(sizes[i % len(sizes)], n - sum(out)))
+        i += 1
+    return out
+
+
+def grpo_group_moments(trainer, rows: list[dict], group_size: int, sizes=CHUNKS):
+    """The GRPO loss's gradient for each prompt's group, accumulated into moments: TRL generates and scores a
+    chunk of prompts' groups at a time (its own sampler order: each prompt ``group_size`` times in a row; chunk
+    sizes from ``chunk_sizes``), then ``compute_loss`` runs on each group's rows alone. Returns the moments; per
+    group, 1.0 if its advantages are not all zero (it has signal); and per generation call, its prompts,
+    completions and seconds (synchronized on a GPU)."""
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
-    moments, has_signal = SplitMoments(), []
-    for lo in range(0, len(rows), chunk):
-        part_rows = rows[lo:lo + chunk]
+    moments, has_signal, calls, lo = SplitMoments(), [], [], 0
+    for n in chunk_sizes(len(rows), sizes):
+        part_rows, lo = rows[lo:lo + n], lo + n
+        _sync()
+        t = time.perf_counter()
         inputs = trainer._generate_and_score_completions([r for r in part_rows for _ in range(group_size)])
-        batch = len(part_rows) * group_size
+        _sync()
+        calls.append({"prompts": n, "completions": n * group_size, "seconds": time.perf_counter() - t})
+        batch = n * group_size
         model.train()
-        for i in range(len(part_rows)):
+        for i in range(n):
             part = _group_slice(inputs, i * group_size, (i + 1) * group_size, batch)
             model.zero_grad(set_to_none=True)
             trainer.compute_loss(model, part).backward()
             moments.add(_flat_grad(params))
             has_signal.append(float(part["advantages"].abs().sum() > 0))
     model.zero_grad(set_to_none=True)
-    return moments, has_signal
+    return moments, has_signal, calls
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def sft_unit_moments(model, tok, entries: list[dict], device, *, seed: int = 0, filler_prob: float = 0.0) -> SplitMoments:
@@ -192,7 +215,7 @@ def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None
                              output_dir=tempfile.mkdtemp(prefix="grpo-noise-"), cuda=device.type == "cuda")
     trainer.train()  # one step at lr 0: TRL sets up its accelerator and reference model; the weights do not move
     t1 = time.perf_counter()
-    g_rl, signal = grpo_group_moments(trainer, rows, P["group_size"])
+    g_rl, signal, gen_calls = grpo_group_moments(trainer, rows, P["group_size"])
     t_rl = time.perf_counter() - t1
     g_sft = sft_unit_moments(trainer.model, tok, sets["rl"][:groups], device, seed=seed, filler_prob=P["filler_prob"])
     m_rl, m_sft = g_rl.all.mean(), g_sft.all.mean()
@@ -201,7 +224,7 @@ def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None
            "groups": groups, "group_size": P["group_size"], "warm_up_s": t_warm,
            "start_val_pass1": 100 * w.curve[-1][1] if w.curve else None,
            "groups_with_signal": sum(signal) / len(signal),
-           "grpo_measure_s": t_rl, "grpo": g_rl.report(), "sft": g_sft.report(),
+           "grpo_measure_s": t_rl, "generation_calls": gen_calls, "grpo": g_rl.report(), "sft": g_sft.report(),
            "cosine_grpo_sft": float(m_rl @ m_sft / (m_rl.norm() * m_sft.norm() + 1e-30)),
            "wall_s": time.perf_counter() - t0}
     if out:
@@ -235,6 +258,11 @@ def main(argv=None):
         halves = ", ".join(describe_B(h) for h in r["halves"] or [])
         print(f"{arm}: noise scale B = {describe_B(r)} {'prompts' if arm == 'grpo' else 'problems'}"
               + (f" (from each half of the units: {halves})" if halves else ""))
+    per = {}
+    for c in res["generation_calls"]:
+        per.setdefault(c["completions"], []).append(c["seconds"])
+    print("generation: " + "; ".join(f"{k} completions {min(v):.2f} s" for k, v in sorted(per.items()))
+          + " (fastest call of each size)")
     print(f"cosine between the mean GRPO and SFT gradients: {res['cosine_grpo_sft']:+.3f}; groups with signal "
           f"{100 * res['groups_with_signal']:.0f}%; wrote {args.out} in {res['wall_s']:.0f} s")
     return res
