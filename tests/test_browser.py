@@ -204,7 +204,7 @@ const tooWide = (el, kind, inner) => {
     if (r.right > colRight || w > colRight - colLeft + 1 || (inner && el.scrollWidth > el.clientWidth + 1))
       problems.push({what: `${kind} ${Math.round(w)} px wide in a ${Math.round(colRight - colLeft)} px column`,
                      where: where(el), el: mark(el)});
-  } else if (r.right > window.innerWidth + 1 && !box) {
+  } else if (r.right > width + 1 && !box) {
     problems.push({what: `${kind} runs off a ${width} px screen with no scroll of its own`, where: where(el),
                    el: mark(el)});
   }
@@ -220,9 +220,31 @@ if (width >= 1000) {
                      where: where(p), el: mark(p)});
   });
 }
-if (document.documentElement.scrollWidth > window.innerWidth + 1)
-  problems.push({what: `the page scrolls sideways (${document.documentElement.scrollWidth} px at ${width} px)`,
+// the page itself: compared with the width asked for, since a phone's emulated viewport widens to its content
+if (document.documentElement.scrollWidth > width + 1)
+  problems.push({what: `the page is wider than the screen (${document.documentElement.scrollWidth} px at ${width} px)`,
                  where: "(page)"});
+// table cells: text that spills over its cell (and prints over the next one), and a number or a row's name that a
+// data table (a DataFrame or Styler) breaks across lines ("1871.03|4", "system_prompt_5|12")
+const lines = (el) => {
+  const r = document.createRange(); r.selectNodeContents(el);
+  return new Set([...r.getClientRects()].filter((q) => q.width > 0).map((q) => Math.round(q.top))).size;
+};
+const spill = [], broken = [];
+article.querySelectorAll(".cell_output table").forEach((t) => {
+  const data = !!t.closest("div.text_html");
+  [...t.querySelectorAll("th, td")].forEach((c) => {
+    if (c.scrollWidth > c.clientWidth + 1) spill.push(c);
+    const text = c.textContent.trim();  // a column header may break where it must; a value or a row's name not
+    if (data && !c.closest("thead") && text && !/[\s\-\u2013\u2014/]/.test(text) && lines(c) > 1) broken.push(c);
+  });
+});
+if (spill.length)
+  problems.push({what: `${spill.length} table cell(s) whose text spills over the next one, e.g. ${JSON.stringify(spill[0].textContent.trim().slice(0, 40))}`,
+                 where: where(spill[0]), el: mark(spill[0])});
+if (broken.length)
+  problems.push({what: `${broken.length} word(s) or number(s) a data table breaks across lines, e.g. ${JSON.stringify(broken[0].textContent.trim().slice(0, 40))}`,
+                 where: where(broken[0]), el: mark(broken[0])});
 // TeX that MathJax never sees: a heading's math repeated in the page's contents sidebar
 document.querySelectorAll(".bd-sidebar-secondary, .bd-sidebar-primary, title").forEach((s) => {
   const m = s.textContent.match(/\\\(.{0,40}?\\\)|\$[^$\s][^$]{0,40}\$/);
@@ -261,7 +283,7 @@ if (isChapter) {
     const ths = [...t.querySelectorAll("thead th, tr:first-child th")];
     const col = ths.findIndex((th) => th.textContent.trim().toLowerCase() === "grade");
     const box = scrollsX(t);
-    const right = Math.min(window.innerWidth, box ? box.getBoundingClientRect().right : Infinity, width >= 1000 ? colRight : Infinity);
+    const right = Math.min(width, box ? box.getBoundingClientRect().right : Infinity, width >= 1000 ? colRight : Infinity);
     const hidden = [...t.rows].map((row) => row.cells[col]).filter((c) => c && c.getBoundingClientRect().right > right + 1);
     if (hidden.length && (width >= 1000 || !box))
       problems.push({what: `the claim card's grade column is not visible (${hidden.length} of ${t.rows.length} cells past the right edge)`,
