@@ -75,6 +75,20 @@ def test_parts_skip_a_part_whose_expected_time_would_overrun_the_budget(tmp_path
     assert res["parts"]["b"]["skipped"].startswith("time budget: would not fit (needs about 1000 s")
 
 
+def test_parts_bar_says_it_counts_the_setup(capsys):
+    """The bar's last line stays in a notebook beside the script's "N parts in ..." line: it must not read as N + 1
+    parts (chapter 06's page showed "13 parts" above a bar at 14/14)."""
+    from repro_utils.bench import Parts
+
+    part = Parts({}, ["a", "b"], desc="chX")
+    part.setup_done()
+    part("a", lambda: {})
+    part("b", lambda: {})
+    part.close()
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "3/3" in last and "setup + 2 parts" in last, last
+
+
 def test_script_args_refuse_unknown_parts_and_take_extras(capsys):
     import pytest
 

@@ -182,6 +182,9 @@ class Parts:
         self.bar.update(1)
 
     def close(self) -> None:
+        # the bar counts the setup too: say so on its last line, which stays in a notebook's output beside the
+        # script's own "N parts in ..." line
+        self.bar.set_postfix_str(f"setup + {len(self.names)} parts", refresh=True)
         self.bar.close()
         self.save()
 
