@@ -191,7 +191,12 @@ def test_noise_scale_moments_stream_what_the_batch_formula_computes():
         N.noise_scale_of(N.Moments())
     assert N.describe_B({"resolved": True, "B": 49.6, "B_lower": 40.0, "units": 9}) == "50"
     assert N.describe_B({"resolved": False, "B": None, "B_lower": 102.4, "units": 96}).startswith("> 102 (signal not")
-    assert "all 4 unit gradients are zero" in N.describe_B({"resolved": False, "B": None, "B_lower": None, "units": 4})
+    assert "mean of 4 unit gradients is zero" in N.describe_B({"resolved": False, "B": None, "B_lower": None, "units": 4})
+    bad = N.Moments()
+    for row in (torch.ones(3), torch.tensor([1.0, float("nan"), 0.0])):
+        bad.add(row)
+    with pytest.raises(ValueError, match="not finite"):
+        N.noise_scale_of(bad)
 
 
 def test_noise_scale_generation_chunks_cover_every_prompt_once():
@@ -217,3 +222,16 @@ def test_noise_scale_dry_run_measures_both_arms(tmp_path):
     assert -1.0 <= got["cosine_grpo_sft"] <= 1.0
     with pytest.raises(ValueError, match="groups"):
         N.measure(dry_run=True, groups=1)
+    with pytest.raises(ValueError, match="only .* RL prompts"):  # never fewer groups than asked for, silently
+        N.measure(dry_run=True, groups=10_000)
+
+
+def test_noise_scale_dry_run_generates_in_chunks(tmp_path, monkeypatch):
+    """On the GPU the 512 groups are generated 32 to 256 prompts at a time, fewer than the trainer's batch: the
+    same path on the CPU, with chunks of 2 and 4 prompts."""
+    import noise_scale as N
+
+    monkeypatch.setattr(N, "CHUNKS", (2, 4))
+    res = N.measure(dry_run=True, out=tmp_path / "noise.json", groups=8)
+    assert [c["prompts"] for c in res["generation_calls"]] == [2, 4, 2]
+    assert res["grpo"]["units"] == 8 and res["sft"]["units"] == 8

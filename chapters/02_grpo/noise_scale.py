@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -82,6 +83,8 @@ def noise_scale_of(m: Moments) -> dict:
     n = m.n
     if n < 2:
         raise ValueError(f"the noise scale needs at least 2 unit gradients, got {n}")
+    if not (math.isfinite(m.sq) and bool(torch.isfinite(m.sum).all())):
+        raise ValueError("a unit gradient is not finite (nan or inf): no noise scale can be read from it")
     mean = m.mean()
     mean_sq = float(mean @ mean)
     trace_cov = n / (n - 1) * (m.sq / n - mean_sq)
@@ -141,7 +144,7 @@ def chunk_sizes(n: int, sizes=CHUNKS) -> list[int]:
     return out
 
 
-def grpo_group_moments(trainer, rows: list[dict], group_size: int, sizes=CHUNKS):
+def grpo_group_moments(trainer, rows: list[dict], group_size: int, sizes=None):
     """The GRPO loss's gradient for each prompt's group, accumulated into moments: TRL generates and scores a
     chunk of prompts' groups at a time (its own sampler order: each prompt ``group_size`` times in a row; chunk
     sizes from ``chunk_sizes``), then ``compute_loss`` runs on each group's rows alone. Returns the moments; per
@@ -150,7 +153,7 @@ def grpo_group_moments(trainer, rows: list[dict], group_size: int, sizes=CHUNKS)
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
     moments, has_signal, calls, lo = SplitMoments(), [], [], 0
-    for n in chunk_sizes(len(rows), sizes):
+    for n in chunk_sizes(len(rows), sizes or CHUNKS):
         part_rows, lo = rows[lo:lo + n], lo + n
         _sync()
         t = time.perf_counter()
@@ -202,6 +205,9 @@ def measure(*, dry_run: bool, out=None, seed: int = 0, groups: int | None = None
         raise ValueError(f"groups must be at least 2, not {groups}")
     seed_everything(seed)
     sets = G.problem_sets(P, seed)
+    if len(sets["rl"]) < groups:
+        raise ValueError(f"groups={groups}, but this setting has only {len(sets['rl'])} RL prompts "
+                         f"(grpo_steps x prompts_per_step)")
     tok = G.char_tokenizer()
     model = G.tiny_policy(tok, P["model_dim"], P["model_layers"], seed=seed).to(device)
     w = G.warm_up(model, tok, sets["sft_pool"], sets["val"], P, device=device, seed=seed, eval_kw=G.eval_settings(P))
@@ -236,8 +242,8 @@ def describe_B(r: dict) -> str:
     """A noise-scale report in words: B, or the bound when n units could not resolve the signal."""
     if r["resolved"]:
         return f"{r['B']:.0f}"
-    if r["B_lower"] is None:
-        return f"not measurable (all {r['units']} unit gradients are zero)"
+    if r["B_lower"] is None:  # |ḡ|² = 0: the mean gradient is exactly zero (no group had a reward to learn from)
+        return f"not measurable (the mean of {r['units']} unit gradients is zero)"
     return f"> {r['B_lower']:.0f} (signal not resolved by {r['units']} units)"
 
 
