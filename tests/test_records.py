@@ -126,6 +126,13 @@ def test_the_card_is_slim_and_shows_goals_apart(course):
     header = next(ln for ln in text.splitlines() if ln.startswith("| claim"))
     assert header == "| claim | claimed | measured (95% interval) | scale | grade |"
     assert "[0.4998, 0.5002]" in text  # the interval, not the mean alone
+    for c in data["claims"]:  # the list below says each setting once (the reason already names both)
+        bullet = next(ln for ln in text.splitlines() if ln.startswith(f"- **`{c['id']}`**"))
+        assert bullet.count(c["declared"]["claimed"]["setting"]) == 1, bullet
+        if c["measured"] and not c["measured"].get("why_untested"):
+            assert bullet.count(c["measured"]["setting"]) == 1, bullet
+        else:
+            assert "not measured" in bullet or "Not tested" in bullet or "not tested" in bullet, bullet
 
 
 def test_regrading_twice_with_the_same_moves_keeps_the_goals_measurements(course):

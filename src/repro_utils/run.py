@@ -222,9 +222,14 @@ def card(data: dict[str, Any]) -> str:
         rows.append(f"| {c['id']} | {_with_unit(d['claimed']['value'], d['unit'])} | {table_measured(c, d['unit'])} "
                     f"| {scale} | **{table_grade(c)}** |")
         src = d["source"].get("paper") or (d["source"]["repo"] + (f" `{d['source']['file']}`" if "file" in d["source"] else ""))
-        where = f"measured at: {m['setting']}" if m and not m.get("why_untested") else "not measured"
+        measured = m and not m.get("why_untested")
+        if measured and m["setting"] in c["reason"] and d["claimed"]["setting"] in c["reason"]:
+            settings = ""  # the reason already reads "Measured v (its setting) vs claim c (the claim's setting)"
+        else:
+            settings = f"*Claimed at:* {d['claimed']['setting']}; " + (f"measured at: {m['setting']}. " if measured
+                                                                     else "not measured. ")
         notes.append(f"- **`{c['id']}`** · {label(c['grade'], c.get('scale'))}. {d['claim']} *Source:* {src}, "
-                     f"{d['source']['where']}. *Claimed at:* {d['claimed']['setting']}; {where}. {c['reason']}")
+                     f"{d['source']['where']}. {settings}{c['reason']}")
     out = [f"**Claim card: {data['chapter']}** · profile `{data['profile']}` · {fp['device']} · "
            f"torch {fp['torch']} · commit `{fp['commit'][:10]}{'-dirty' if fp['dirty'] else ''}` · "
            f"{fp['started'][:16].replace('T', ' ')} UTC · {fp['wall_seconds'] / 60:.1f} min · seed {fp['seed']}",
