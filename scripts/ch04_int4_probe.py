@@ -2,6 +2,7 @@
 
     python3 scripts/ch04_int4_probe.py --out $OUT            # timing part (~1-2 min on an H200)
     python3 scripts/ch04_int4_probe.py --out $OUT --ncu      # then Nsight Compute on the fastest configs (~2 min)
+    python3 scripts/ch04_int4_probe.py --out $OUT --ncu --m16   # and the tensor-core kernel at 16 tokens (~4-5 min in all)
 
 Timing part, on each Llama-3-8B MLP shape (N, K) = (14336, 4096), (4096, 14336) and on (4096, 4096), at M = 1:
 - ``ptq.tune_int4_gemvs``: every "gemv" candidate with both kernels, the fp32 GEMV (``int4_matmul``) and the
@@ -53,14 +54,14 @@ KEEP = ("DRAM Throughput", "Memory Throughput", "Duration", "Compute (SM) Throug
         "Warp Cycles Per Issued Instruction", "Block Limit Registers")
 
 
-def weights(N: int, K: int, device: str, seed: int = 0):
+def weights(N: int, K: int, device: str, seed: int = 0, M: int = 1):
     g = torch.Generator(device=device).manual_seed(seed + N + 7 * K)
     qw = ptq.rtn(torch.randn(N, K, generator=g, device=device) * 0.02, 4, 128)
-    x = torch.randn(1, K, generator=g, device=device).to(torch.bfloat16)
+    x = torch.randn(M, K, generator=g, device=device).to(torch.bfloat16)
     return qw, ptq.Int4Weight.from_qweight(qw), x
 
 
-def timing(device: str, log) -> dict:
+def timing(device: str, log, m16: bool = False) -> dict:
     from repro_utils.bench import time_fn
 
     out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -88,12 +89,35 @@ def timing(device: str, log) -> dict:
             log(f"{r['kernel']:8} {c.BLOCK_N:7} {c.num_warps:5} {c.KW:3} {c.SPLIT_K:7} {r['us']:7.1f} "
                 f"{bf16_us / r['us']:7.2f} {tg_us / r['us']:10.2f} {1e3 * floor['ms'] / r['us']:8.2f} "
                 f"{r['rel_err']:8.1e}")
+        if m16:
+            shape["m16"] = m16_part(N, K, device, log, floor_us=1e3 * floor["ms"])
     return out
+
+
+def m16_part(N: int, K: int, device: str, log, floor_us: float) -> dict:
+    """16 tokens (the goal int4-kernel-m16-marlin): every tensor-core candidate of ``tune_int4``, beside bf16
+    cuBLAS and tinygemm at M = 16 on the same weights, timed the same way."""
+    from repro_utils.bench import time_fn
+
+    rows = [r for r in ptq.tune_int4([(16, N, K)], device=device, log=log) if r["config"].kernel == "mma"]
+    qw, w4, x = weights(N, K, device, M=16)
+    W = w4.dequantize().to(torch.bfloat16)
+    tg, sz = ptq.tinygemm_pack(qw)
+    bf16_us = 1e3 * time_fn(partial(F.linear, x, W), warmup=5, rep=40, graph=True).ms
+    tg_us = 1e3 * time_fn(partial(ptq.tinygemm_linear, x, tg, sz, 128), warmup=5, rep=40, graph=True).ms
+    log(f"M = 16: bf16 {bf16_us:.1f} us, tinygemm {tg_us:.1f} us, read floor {floor_us:.1f} us")
+    log(f"{'BLOCK_M':>7} {'BLOCK_N':>7} {'stages':>6} {'SPLIT_K':>7} {'us':>7} {'x bf16':>7} {'x tinygemm':>10} "
+        f"{'floor/us':>8} {'rel err':>8}")
+    for r in sorted(rows, key=lambda r: r["us"]):
+        c = r["config"]
+        log(f"{c.BLOCK_M:7} {c.BLOCK_N:7} {c.num_stages:6} {c.SPLIT_K:7} {r['us']:7.1f} {bf16_us / r['us']:7.2f} "
+            f"{tg_us / r['us']:10.2f} {floor_us / r['us']:8.2f} {r['rel_err']:8.1e}")
+    return {"bf16_us": bf16_us, "tinygemm_us": tg_us, "rows": [{**r, "config": asdict(r["config"])} for r in rows]}
 
 
 def ncu_child(N: int, K: int, kernel: str, config: dict) -> None:
     """Launch one kernel a few times (eager) for ncu to catch the last one."""
-    _, w4, x = weights(N, K, "cuda")
+    _, w4, x = weights(N, K, "cuda", M=16 if kernel == "mma" else 1)
     fn = ptq.int4_gemv_h2 if kernel == "gemv_h2" else ptq.int4_matmul
     c = ptq.Int4Config(**config)
     for _ in range(4):
@@ -105,12 +129,13 @@ def ncu(record: dict, out: Path, log) -> dict:
     found = {}
     for shape in record["shapes"]:
         N, K = shape["N"], shape["K"]
-        for kernel in ("gemv", "gemv_h2"):
-            rows = [r for r in shape["rows"] if r["kernel"] == kernel]
+        for kernel in ("gemv", "gemv_h2", "mma"):
+            rows = ([r for r in shape["rows"] if r["kernel"] == kernel] if kernel != "mma"
+                    else [r for r in shape.get("m16", {}).get("rows", []) if r["rel_err"] < 1e-2])
             if not rows:
                 continue
             best = min(rows, key=lambda r: r["us"])
-            name = "_int4_gemv_h2_kernel" if kernel == "gemv_h2" else "_int4_gemv_kernel"
+            name = {"gemv": "_int4_gemv_kernel", "gemv_h2": "_int4_gemv_h2_kernel", "mma": "_int4_mma_kernel"}[kernel]
             cmd = ["ncu", "--clock-control", "none", "--csv", "--page", "details",
                    *[a for s in SECTIONS for a in ("--section", s)],
                    "-k", f"regex:^{name}$", "--launch-skip", "3", "--launch-count", "1",
@@ -137,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--ncu", action="store_true", help="also profile the fastest config of each kernel with ncu")
+    ap.add_argument("--m16", action="store_true", help="also the tensor-core kernel at 16 tokens (goal int4-kernel-m16-marlin)")
     ap.add_argument("--ncu-child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.ncu_child:
@@ -151,7 +177,7 @@ def main() -> None:
         print(s, flush=True)
         logf.write(s + "\n")
 
-    record = timing("cuda", log)
+    record = timing("cuda", log, m16=a.m16)
     (a.out / "int4_probe.json").write_text(json.dumps(record, indent=1, default=str))
     if a.ncu:
         record["ncu"] = ncu(record, a.out, log)
