@@ -99,3 +99,25 @@ def test_a_local_folder_without_sources_is_one_source(tmp_path, monkeypatch):
     monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     assert [s for s, _ in data.documents("val")] == ["corpus"] * 3
+
+
+@needs_data
+def test_build_local_writes_both_corpora_the_loader_reads(tmp_path, monkeypatch):
+    """scripts/build_data.py's folder (here from made-up documents instead of FineWeb): corpus/ is the first
+    documents, corpus-xl/ a superset, both split by the val rule, and the data layer reads either."""
+    import shutil
+
+    rows = [{"id": f"doc-{i}", "text": f"Document {i} says {'hello ' * (i % 7 + 1)}world."} for i in range(300)]
+    counts = data.build_local(tmp_path / "d", docs=100, xl_docs=250, rows=iter(rows), tokenizer=False)
+    assert counts["corpus/train"] + counts["corpus/val"] == 100
+    assert counts["corpus-xl/train"] + counts["corpus-xl/val"] == 250
+    assert counts["corpus/val"] == sum(data._is_val(f"doc-{i}") for i in range(100)) > 0
+    shutil.copytree(os.path.join(os.environ["REPRO_DATA_DIR"], "tiktoken"), tmp_path / "d" / "tiktoken")
+    monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("REPRO_CACHE_DIR", str(tmp_path / "cache"))
+    small = list(data.texts("train", corpus="corpus"))
+    large = list(data.texts("train", corpus="corpus-xl"))
+    assert large[: len(small)] == small and len(large) > len(small)
+    assert len(data.tokens("val", corpus="corpus-xl")) > 0
+    with pytest.raises(ValueError, match="docs"):
+        data.build_local(tmp_path / "e", docs=10, xl_docs=5, rows=iter(rows), tokenizer=False)

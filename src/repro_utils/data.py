@@ -219,3 +219,59 @@ def batch(tokens: np.ndarray, batch_size: int, seq_len: int, *, generator=None, 
     if str(device).startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def build_local(out, *, docs: int = 5_000, xl_docs: int = 32_000, rows=None, tokenizer: bool = True) -> dict:
+    """Write a REPRO_DATA_DIR at ``out`` from FineWeb's ``sample-10BT`` (streamed through ``datasets``; needs the
+    network once): ``corpus/`` from the first ``docs`` documents (gzip) and ``corpus-xl/`` from the first
+    ``xl_docs`` (xz; it holds corpus/'s documents, as the course's own folder does), each split by ``_is_val``;
+    and, with ``tokenizer``, GPT-2's BPE files under ``tiktoken/``. FineWeb documents average about a thousand
+    GPT-2 tokens, so the defaults give roughly the 4-5 M and 30 M tokens the chapters are sized for.
+
+    ``rows``: an iterable of {"id", "text"} (and optionally "source") to use instead of FineWeb. Returns the
+    number of documents written per corpus and split."""
+    import gzip
+    import json
+    import lzma
+
+    if not 0 < docs <= xl_docs:
+        raise ValueError(f"need 0 < docs <= xl_docs, got docs={docs}, xl_docs={xl_docs}")
+    out = Path(out)
+    if rows is None:
+        import datasets
+
+        rows = datasets.load_dataset(*FINEWEB, split="train", streaming=True)
+    opener = {"gz": gzip.open, "xz": lzma.open}
+    files = {}
+    for corpus, ext in CORPORA.items():
+        (out / corpus).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            files[corpus, split] = opener[ext](out / corpus / f"{split}.jsonl.{ext}", "wt", encoding="utf-8")
+    counts = {f"{c}/{s}": 0 for c, s in files}
+    try:
+        for i, row in enumerate(rows):
+            if i == xl_docs:
+                break
+            split = "val" if _is_val(row["id"]) else "train"
+            line = json.dumps({"id": str(row["id"]), "source": row.get("source", "fineweb"), "text": row["text"]}) + "\n"
+            for corpus in ("corpus", "corpus-xl") if i < docs else ("corpus-xl",):
+                files[corpus, split].write(line)
+                counts[f"{corpus}/{split}"] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    if tokenizer:  # GPT-2's BPE files, downloaded into out/tiktoken whatever cache this process had set
+        import tiktoken.load
+
+        before = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(out / "tiktoken")
+        try:
+            for url in ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"):
+                tiktoken.load.read_file_cached(url)
+        finally:
+            if before is None:
+                os.environ.pop("TIKTOKEN_CACHE_DIR")
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = before
+    return counts
