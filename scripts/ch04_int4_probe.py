@@ -61,21 +61,29 @@ def weights(N: int, K: int, device: str, seed: int = 0, M: int = 1):
     return qw, ptq.Int4Weight.from_qweight(qw), x
 
 
-def timing(device: str, log, m16: bool = False) -> dict:
+def baselines(N: int, K: int, device: str, M: int) -> tuple[float, float, float, int]:
+    """bf16 cuBLAS on the same weights dense (2 bytes a weight) and tinygemm on them packed, for M tokens, timed
+    as the kernels are (graph replays, L2 flushed): (bf16 us, tinygemm us, tinygemm's relative error, the
+    INT4 weight's bytes)."""
     from repro_utils.bench import time_fn
 
+    qw, w4, x = weights(N, K, device, M=M)
+    W = w4.dequantize().to(torch.bfloat16)
+    tg, sz = ptq.tinygemm_pack(qw)
+    ref = x.float() @ w4.dequantize().t()
+    tg_err = ((ptq.tinygemm_linear(x, tg, sz, 128).float() - ref).abs().max() / ref.abs().max()).item()
+    bf16_us = 1e3 * time_fn(partial(F.linear, x, W), warmup=5, rep=40, graph=True).ms
+    tg_us = 1e3 * time_fn(partial(ptq.tinygemm_linear, x, tg, sz, 128), warmup=5, rep=40, graph=True).ms
+    return bf16_us, tg_us, tg_err, w4.nbytes()
+
+
+def timing(device: str, log, m16: bool = False) -> dict:
     out = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "shapes": []}
     for N, K in SHAPES:
         rows = ptq.tune_int4_gemvs([(N, K)], device=device, log=log)
-        qw, w4, x = weights(N, K, device)
-        W = w4.dequantize().to(torch.bfloat16)  # the same weights, dense: cuBLAS reads 2 bytes a weight
-        tg, sz = ptq.tinygemm_pack(qw)
-        ref = x.float() @ w4.dequantize().t()
-        tg_err = ((ptq.tinygemm_linear(x, tg, sz, 128).float() - ref).abs().max() / ref.abs().max()).item()
-        bf16_us = 1e3 * time_fn(partial(F.linear, x, W), warmup=5, rep=40, graph=True).ms
-        tg_us = 1e3 * time_fn(partial(ptq.tinygemm_linear, x, tg, sz, 128), warmup=5, rep=40, graph=True).ms
-        floor = ptq.read_floor(w4.nbytes(), device=device)  # packed codes, bf16 scales, uint8 zeros
+        bf16_us, tg_us, tg_err, nbytes = baselines(N, K, device, M=1)
+        floor = ptq.read_floor(nbytes, device=device)  # packed codes, bf16 scales, uint8 zeros
         shape = {"N": N, "K": K, "bf16_us": bf16_us, "tinygemm_us": tg_us, "tinygemm_rel_err": tg_err,
                  "floor_us": 1e3 * floor["ms"], "floor": floor,
                  "rows": [{**r, "config": asdict(r["config"])} for r in rows]}
@@ -97,14 +105,8 @@ def timing(device: str, log, m16: bool = False) -> dict:
 def m16_part(N: int, K: int, device: str, log, floor_us: float) -> dict:
     """16 tokens (the goal int4-kernel-m16-marlin): every tensor-core candidate of ``tune_int4``, beside bf16
     cuBLAS and tinygemm at M = 16 on the same weights, timed the same way."""
-    from repro_utils.bench import time_fn
-
     rows = [r for r in ptq.tune_int4([(16, N, K)], device=device, log=log) if r["config"].kernel == "mma"]
-    qw, w4, x = weights(N, K, device, M=16)
-    W = w4.dequantize().to(torch.bfloat16)
-    tg, sz = ptq.tinygemm_pack(qw)
-    bf16_us = 1e3 * time_fn(partial(F.linear, x, W), warmup=5, rep=40, graph=True).ms
-    tg_us = 1e3 * time_fn(partial(ptq.tinygemm_linear, x, tg, sz, 128), warmup=5, rep=40, graph=True).ms
+    bf16_us, tg_us, _, _ = baselines(N, K, device, M=16)
     log(f"M = 16: bf16 {bf16_us:.1f} us, tinygemm {tg_us:.1f} us, read floor {floor_us:.1f} us")
     log(f"{'BLOCK_M':>7} {'BLOCK_N':>7} {'stages':>6} {'SPLIT_K':>7} {'us':>7} {'x bf16':>7} {'x tinygemm':>10} "
         f"{'floor/us':>8} {'rel err':>8}")

@@ -121,3 +121,7 @@ def test_build_local_writes_both_corpora_the_loader_reads(tmp_path, monkeypatch)
     assert len(data.tokens("val", corpus="corpus-xl")) > 0
     with pytest.raises(ValueError, match="docs"):
         data.build_local(tmp_path / "e", docs=10, xl_docs=5, rows=iter(rows), tokenizer=False)
+    # the tokenizer step reads GPT-2's files through tiktoken's cache in DIR/tiktoken (here already there: offline)
+    shutil.copytree(tmp_path / "d" / "tiktoken", tmp_path / "f" / "tiktoken")
+    data.build_local(tmp_path / "f", docs=1, xl_docs=2, rows=iter(rows), tokenizer=True)
+    assert "TIKTOKEN_CACHE_DIR" not in os.environ or os.environ["TIKTOKEN_CACHE_DIR"] != str(tmp_path / "f" / "tiktoken")

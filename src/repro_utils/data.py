@@ -260,15 +260,13 @@ def build_local(out, *, docs: int = 5_000, xl_docs: int = 32_000, rows=None, tok
     finally:
         for f in files.values():
             f.close()
-    if tokenizer:  # GPT-2's BPE files, downloaded into out/tiktoken whatever cache this process had set
-        import tiktoken.load
+    if tokenizer:  # GPT-2's BPE files into out/tiktoken, hash-checked, whatever cache this process had set
+        from tiktoken_ext.openai_public import gpt2
 
         before = os.environ.get("TIKTOKEN_CACHE_DIR")
         os.environ["TIKTOKEN_CACHE_DIR"] = str(out / "tiktoken")
         try:
-            for url in ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"):
-                tiktoken.load.read_file_cached(url)
+            gpt2()  # reads (downloads) the files through tiktoken's own cache, bypassing its in-process encodings
         finally:
             if before is None:
                 os.environ.pop("TIKTOKEN_CACHE_DIR")
