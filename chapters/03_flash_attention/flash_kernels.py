@@ -43,12 +43,13 @@ def interpreting() -> bool:
 
 
 def _fix_interpreter() -> None:
-    """Three gaps of triton 3.6's CPU interpreter, patched there only (compiled kernels are untouched):
+    """Gaps of triton 3.6's CPU interpreter, patched there only (compiled kernels are untouched):
     1. it turns a scalar into a Python int with int(array of shape (1,)), which numpy >= 2.4 refuses,
        so every loop with run-time bounds fails: the upstream fix of triton-lang/triton#9171;
     2. it stores bf16 as uint16 and tl.dot multiplies the bit patterns (triton-lang/triton#11584):
        bf16 operands are widened to fp32 first, as the tensor cores do (exact products, fp32 sums);
-    3. it casts fp32 to bf16 by truncation; the GPU rounds to nearest even, so we do too."""
+    3. it casts fp32 to bf16, and to float8 e4m3 (hopper_kernels.py), without rounding to nearest even
+       as the GPU does (bf16 by truncation; e4m3 16 of 1,024 values off, biased low): we round as the GPU."""
     from triton.runtime import interpreter
 
     if getattr(interpreter, "_course_fixes", False):
@@ -79,9 +80,18 @@ def _fix_interpreter() -> None:
             return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
         return cast(self, src, dst_type)
 
+    fp_to_fp = builder.create_fp_to_fp
+
+    def patched_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:  # nearest-even, saturating
+            x = torch.from_numpy(np.ascontiguousarray(src.data)).clamp(-448.0, 448.0)
+            return interpreter.TensorHandle(x.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
     interpreter._patch_lang_tensor = patched_tensor
     builder.create_dot = patched_dot
     builder.cast_impl = patched_cast
+    builder.create_fp_to_fp = patched_fp_to_fp
     interpreter._course_fixes = True
 
 
