@@ -152,3 +152,23 @@ def test_gpu_tile_candidates(monkeypatch):
         assert configs and all(c.kwargs["BLOCK_M"] % c.kwargs["BLOCK_N"] == 0 for c in configs)
         if d == 256:  # a 128 x 256 Q tile plus K/V stages must fit 228 KB: no 128-wide key blocks
             assert all(c.kwargs["BLOCK_N"] <= 64 for c in configs)
+
+
+def test_device_probe_runs_its_checks_in_the_interpreter(tmp_path):
+    """scripts/ch03_hopper_probe.py --dry-run: the probe's correctness and FP8-error parts through the same
+    code on tiny shapes (its timing parts are exercised on the GPU only: the interpreter times nothing real)."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import ch03_hopper_probe as probe
+
+    out = tmp_path / "probe.json"
+    probe.main(["--dry-run", "--out", str(out), "--parts", "check,fp8_error", "--reps", "1"])
+    res = json.loads(out.read_text())
+    assert set(res["parts"]) == {"check", "fp8_error"}
+    for row in res["parts"]["check"]["rows"]:
+        assert row["descriptors"] <= 1.5 * row["standard"]
+        assert row["fp8 vs its reference (rmse)"] < 0.4 * row["fp8 reference vs exact (rmse)"]
+    (err,) = res["parts"]["fp8_error"]["rows"]
+    assert err["standard fp16"] < err["FP8 block + incoherent"] < err["FP8 baseline (per-tensor)"]
+    assert res["fingerprint"]["git_commit"]
