@@ -16,8 +16,9 @@ Parts, in this order (each written to the JSON as soon as it ends, so a call cut
   quant 9.3e-3, no incoherent processing 2.4e-2. Its shapes are not stated; ours are in the JSON.
 - ``speed``: forward TFLOP/s at FA2 §4.1's shapes (batch = 16K tokens / N, hidden 2048, so 16 heads at
   d = 128, 32 at d = 64, 8 at d = 256; bf16), N = 1K ... 16K, causal or not, of PyTorch SDPA's FlashAttention-2
-  and cuDNN backends, the studied kernel (flash_kernels.flash_forward) and the descriptor kernel with
-  warp specialization off and on. The goal ratios (kernel / cuDNN, issue 20: >= 0.95 at N >= 4K, d = 128) come
+  and cuDNN backends, the studied kernel (flash_kernels.flash_forward) and the descriptor kernel (warp
+  specialization is checked for correctness only: compiled for sm_90 by scripts/ch03_hopper_sass.py, Triton 3.6
+  gives the same SASS with it as without, at 8 warps). The goal ratios (kernel / cuDNN, issue 20: >= 0.95 at N >= 4K, d = 128) come
   as ``--reps`` replicates, cuDNN and kernel timed alternately (repro_utils.bench.ratios).
 - ``fp8_speed``: the FP8 forward's TFLOP/s at d = 128 and 256 against the bf16 descriptor kernel on the same
   shapes, without the quantization; the quantization and rotation (fp8_inputs) timed on their own.
@@ -96,8 +97,8 @@ def main(argv=None) -> None:
         "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
         "studied kernel": lambda q, k, v, c: fk.flash_forward(q, k, v, c, 1 / math.sqrt(q.shape[-1]))[0],
         "descriptors": lambda q, k, v, c: hk.tma_forward(q, k, v, c)[0],
-        "descriptors + warp spec.": lambda q, k, v, c: hk.tma_forward(q, k, v, c, warp_specialize=True)[0],
     }
+    warp_spec = lambda q, k, v, c: hk.tma_forward(q, k, v, c, warp_specialize=True)[0]  # noqa: E731
     run.setup_done()
 
     def check() -> dict:
@@ -108,9 +109,9 @@ def main(argv=None) -> None:
                 q, k, v = inputs(1, 2, n, d, seed=d + causal)
                 ref = fk.reference_attention(q.double(), k.double(), v.double(), causal)
                 row = {"d": d, "causal": causal, "standard": rel(fk.standard_attention(q, k, v, causal), ref)}
-                for name in ("descriptors", "descriptors + warp spec."):
+                for name, f in (("descriptors", impls["descriptors"]), ("descriptors + warp spec.", warp_spec)):
                     try:
-                        row[name] = rel(impls[name](q, k, v, causal), ref)
+                        row[name] = rel(f(q, k, v, causal), ref)
                     except Exception as e:  # a path that does not compile is a finding, not a crash
                         row[name] = f"{type(e).__name__}: {str(e)[:300]}"
                 o8 = hk.fp8_forward(q, k, v, causal)
@@ -144,7 +145,7 @@ def main(argv=None) -> None:
                             row[name] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(row)
                     if not args.dry_run and "SDPA cuDNN" in fns:
-                        for name in ("studied kernel", "descriptors", "descriptors + warp spec."):
+                        for name in ("studied kernel", "descriptors"):
                             if name in fns:
                                 vals = ratios(fns["SDPA cuDNN"], fns[name], replicates=args.reps)
                                 goal.append({"d": d, "causal": causal, "N": n, "kernel": name,

@@ -172,3 +172,26 @@ def test_device_probe_runs_its_checks_in_the_interpreter(tmp_path):
     (err,) = res["parts"]["fp8_error"]["rows"]
     assert err["standard fp16"] < err["FP8 block + incoherent"] < err["FP8 baseline (per-tensor)"]
     assert res["fingerprint"]["git_commit"]
+
+
+def test_sm90_build_uses_tma_and_wgmma_without_spills(tmp_path):
+    """scripts/ch03_hopper_sass.py compiles the first tile candidate of each kernel for sm_90 (no GPU: Triton's
+    own ptxas), in its own process since this one imported the kernels for the interpreter. The descriptor
+    kernel must load through TMA (UTMALDG) where the studied kernel uses cp.async (LDGSTS), multiply on wgmma
+    (HGMMA for bf16, QGMMA for FP8), and spill nothing."""
+    import json
+    import subprocess
+
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch03_hopper_sass.py"), "--dims", "128",
+                           "--candidates", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    studied = [r for r in rows if r["kernel"] == "studied"]
+    ours = {(r["dtype"], r["ws"]): r for r in rows if r["kernel"] == "descriptors"}
+    assert studied and studied[0]["UTMALDG"] == 0 and studied[0]["LDGSTS"] > 0
+    for (dtype, _), r in ours.items():
+        assert "error" not in r, r
+        assert r["UTMALDG"] > 0 and r["spill_bytes"] == 0
+        assert r["QGMMA" if dtype == "fp8" else "HGMMA"] > 0
+    assert ours[("bf16", True)]["sass_sha"] == ours[("bf16", False)]["sass_sha"]  # Triton 3.6 ignores it here
