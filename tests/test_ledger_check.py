@@ -282,3 +282,61 @@ def test_inconclusive_on_one_device_and_decided_on_another_is_not_unstable(cours
     device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
     device_ledger(course, "NVIDIA H200", None)  # needs-gpu untested there: Unverified, no contradiction
     assert not any("unstable" in p for p in check(course))
+
+
+PENDING_GOAL = """
+goals:
+  - id: later-goal
+    goal: A target declared after the last run, for the next one.
+    metric: a ratio
+    unit: x
+    target: {at_least: 1.0}
+    baseline: itself
+    profiles: [gpu]
+    deterministic: "a number the self-test writes down, the same every run"
+    pending: "2026-12-05: graded by the next gpu run, once the notebook records it"
+"""
+PENDING_CLAIM = """  - id: later-claim
+    claim: A claim declared after the last run, for the next one.
+    source: {paper: "a paper", where: "§1"}
+    metric: anything
+    unit: x
+    claimed: {value: 2, setting: "H100"}
+    holds_if: {at_least: 1.5}
+    profiles: {gpu: own}
+    deterministic: "a number the self-test writes down, the same every run"
+    pending: "2026-12-05: graded by the next gpu run"
+"""
+
+
+def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(course):
+    """Pre-registration: a claim or goal marked pending (with its date) is accepted while no run grades it, shown
+    on the scoreboard as declared but not yet run, and left out of a run that does not record it; once a run
+    grades it, `repro check` asks for the mark to go."""
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    text = f.read_text()
+    f.write_text(text.replace("claims:\n", "claims:\n" + PENDING_CLAIM, 1) + PENDING_GOAL)
+    path = gpu_ledger(course)
+    data = json.loads(path.read_text())
+    assert "later-claim" not in {c["id"] for c in data["claims"]} and data["goals"] == []
+    assert check(course) == []
+    board = (course / "book" / "scoreboard.md").read_text()
+    assert board.count("declared 2026-12-05, not yet run") == 2
+    # the date is part of the mark
+    f.write_text(text.replace("claims:\n", "claims:\n" + PENDING_CLAIM.replace("2026-12-05: ", ""), 1))
+    with pytest.raises(Exception, match="pending"):
+        load_chapter(f.parent)
+    # a run that grades it: the mark must go
+    f.write_text(text.replace("claims:\n", "claims:\n" + PENDING_CLAIM, 1))
+    ch = load_chapter(f.parent)
+    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
+              started="2026-12-06T12:00:00+00:00", t0=time.time())
+    with mock.patch("repro_utils.run.reference_gpu", return_value=True):
+        run.record("uniform-mean", values=[0.5, 0.5001, 0.4999], setting="n=1000000, torch")
+        run.record("needs-gpu", 1.8, setting="H100")
+        run.record("later-claim", 1.7, setting="H100")
+    data = run.to_dict()
+    assert "pending" not in next(c for c in data["claims"] if c["id"] == "later-claim")["declared"]
+    ledger.write(ledger.path_for(course, data), data)
+    scoreboard.write(course)
+    assert any("'later-claim' is graded by this run" in p and "remove `pending`" in p for p in check(course))

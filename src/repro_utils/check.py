@@ -1,6 +1,8 @@
 """``repro check``: the committed course is consistent.
 
 - every claims.yaml validates, and its notebook declares exactly the chapter's parameters;
+- a claim or goal marked ``pending`` (declared, with its date, before the run that will grade it) may be absent
+  from the ledgers; one that a ledger grades must no longer be marked pending;
 - every ledger (``results/<profile>/<chapter>/<device>.json``) validates, sits where its content says,
   belongs to a chapter, and every stored grade and interval re-derives from its stored replicates; the
   grading fields it stored equal those claims.yaml declares now (a test changed after the run means the
@@ -310,8 +312,12 @@ def check(root: str | Path) -> list[str]:
             stored = {c["id"]: c for c in entries}
             for spec in specs:
                 if spec.id not in stored:
-                    problems.append(f"{rel}: {kind} {spec.id!r} is declared but the run did not grade it: rerun")
+                    if not spec.pending:  # pending: declared for the next run, before it (pre-registered)
+                        problems.append(f"{rel}: {kind} {spec.id!r} is declared but the run did not grade it: rerun")
                     continue
+                if spec.pending:
+                    problems.append(f"{rel}: {kind} {spec.id!r} is graded by this run, but claims.yaml still marks it "
+                                    f"pending ({spec.pending[:10]}): remove `pending`")
                 then = cls.from_dict(stored[spec.id]["declared"]).grading_view()
                 if then != spec.grading_view():
                     problems.append(f"{rel}: {kind} {spec.id!r}: claims.yaml changed its test since the run "

@@ -51,13 +51,14 @@ class Claim:
     subject: str | None = None  # the artifact the claim is about (Marlin, FA3, vLLM)
     notes: str | None = None
     disagreement: str | None = None
+    pending: str | None = None  # "YYYY-MM-DD: ..." declared after the last published run, for the next one
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Claim:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "pending"}
 
     def grading_view(self) -> dict[str, Any]:
         """The fields that decide a grade: a ledger is stale when these change after its run."""
@@ -90,6 +91,7 @@ class Goal:
     deterministic: str | None = None
     interval: str = "t"
     notes: str | None = None
+    pending: str | None = None  # as Claim.pending
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Goal:
@@ -98,7 +100,7 @@ class Goal:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        d = {k: v for k, v in self.__dict__.items() if v is not None and k != "pending"}
         d["profiles"] = list(self.profiles)
         return d
 

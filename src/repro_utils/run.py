@@ -176,12 +176,18 @@ class Run:
         return g
 
     def to_dict(self) -> dict[str, Any]:
+        # A pending claim or goal (declared for a run the notebook does not make yet) enters the ledger only once
+        # the notebook records it; every other unrecorded one is graded Unverified.
         entries = []
         for c in self.chapter.claims:
+            if c.pending and c.id not in self.entries:
+                continue
             e = self.entries.get(c.id) or ledger.Entry(c, None, grade(c, None, self.profile))
             entries.append(e.to_dict())
         goals = []
         for gl in self.chapter.goals:
+            if gl.pending and gl.id not in self.goal_entries:
+                continue
             e = self.goal_entries.get(gl.id) or ledger.Entry(gl, None, grade_goal(gl, None, self.profile))
             goals.append(e.to_dict())
         return {
