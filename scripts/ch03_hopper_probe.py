@@ -18,7 +18,8 @@ Parts, in this order (each written to the JSON as soon as it ends, so a call cut
   d = 128, 32 at d = 64, 8 at d = 256; bf16), N = 1K ... 16K, causal or not, of PyTorch SDPA's FlashAttention-2
   and cuDNN backends, the studied kernel (flash_kernels.flash_forward) and the descriptor kernel (warp
   specialization is checked for correctness only: compiled for sm_90 by scripts/ch03_hopper_sass.py, Triton 3.6
-  gives the same SASS with it as without, at 8 warps). The goal ratios (kernel / cuDNN, issue 20: >= 0.95 at N >= 4K, d = 128) come
+  gives the same SASS with it as without, at 8 warps); at d = 128 also the backward alone, the studied kernel's
+  against cuDNN's (goal bwd-vs-cudnn). The goal ratios (kernel / cuDNN, issue 20: >= 0.95 at N >= 4K, d = 128) come
   as ``--reps`` replicates, cuDNN and kernel timed alternately (repro_utils.bench.ratios).
 - ``fp8_speed``: the FP8 forward's TFLOP/s at d = 128 and 256 against the bf16 descriptor kernel on the same
   shapes, without the quantization; the quantization and rotation (fp8_inputs) timed on their own.
@@ -72,7 +73,7 @@ def main(argv=None) -> None:
     dev = "cpu" if args.dry_run else "cuda"
     dt = torch.bfloat16
     seq_lens = [64] if args.dry_run else [1024, 2048, 4096, 8192, 16384]
-    dims = [64, 256] if args.dry_run else [128, 64, 256]  # the goals' head dim first
+    dims = [128, 256] if args.dry_run else [128, 64, 256]  # the goals' head dim first
     tokens = 128 if args.dry_run else 16384
     res = {"script": "scripts/ch03_hopper_probe.py", "fingerprint": script_fingerprint(dev, ROOT),
            "args": vars(args), "shapes": {"tokens_per_batch": tokens, "heads": {d: heads_for(d) for d in dims}}}
@@ -124,6 +125,16 @@ def main(argv=None) -> None:
     def tflops(ms, batch, heads, n, d, causal):
         return fk.attention_flops(batch, heads, n, d, causal) / (ms * 1e-3) / 1e12
 
+    def flash_autograd(q, k, v, causal):
+        return fk.flash_attention(q, k, v, causal)
+
+    def backward_only(f, q, k, v, causal):
+        """A callable that runs only the backward of f's output (the forward is run once, its graph kept)."""
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o = f(q, k, v, causal)
+        do = torch.randn_like(o)
+        return partial(torch.autograd.grad, o, (q, k, v), do, retain_graph=True)
+
     def speed() -> dict:
         rows, goal = [], []
         for d in dims:
@@ -143,15 +154,26 @@ def main(argv=None) -> None:
                             fns[name] = fn
                         except Exception as e:
                             row[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                    if d == 128:  # the backward goal: the studied backward against cuDNN's, backward alone
+                        for name, f in (("SDPA cuDNN bwd", impls["SDPA cuDNN"]), ("studied kernel bwd", flash_autograd)):
+                            try:
+                                fns[name] = backward_only(f, q, k, v, causal)
+                                fns[name]()
+                                row[name] = 2.5 * tflops(time_fn(fns[name]).ms, batch, heads, n, d, causal)
+                            except Exception as e:
+                                fns.pop(name, None)
+                                row[name] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(row)
-                    if not args.dry_run and "SDPA cuDNN" in fns:
-                        for name in ("studied kernel", "descriptors"):
-                            if name in fns:
-                                vals = ratios(fns["SDPA cuDNN"], fns[name], replicates=args.reps)
+                    if not args.dry_run:
+                        for base, name in (("SDPA cuDNN", "studied kernel"), ("SDPA cuDNN", "descriptors"),
+                                           ("SDPA cuDNN bwd", "studied kernel bwd")):
+                            if base in fns and name in fns:
+                                vals = ratios(fns[base], fns[name], replicates=args.reps)
                                 goal.append({"d": d, "causal": causal, "N": n, "kernel": name,
                                              "vs cuDNN (x)": vals})
-                    del q, k, v
-        return {"rows": rows, "ratios": goal}
+                    del q, k, v, fns
+        return {"rows": rows, "ratios": goal,
+                "note": "bwd TFLOP/s count 2.5x the forward's FLOPs (FA2 §4.1); ratios are cuDNN time / kernel time"}
 
     def fp8_speed() -> dict:
         rows = []

@@ -27,7 +27,8 @@ def test_chapter_smoke_run_grades_every_claim(ch, tmp_path):
     assert r.ok, r.error
     data = json.loads((tmp_path / f"{ch.id}.json").read_text())
     assert data["profile"] == "smoke"
-    assert [c["id"] for c in data["claims"]] == [c.id for c in ch.claims]
+    # every claim but those declared for a run the notebook does not make yet (pending: repro check's rule)
+    assert [c["id"] for c in data["claims"]] == [c.id for c in ch.claims if not c.pending]
     assert all(c["grade"] in RUNGS and c["reason"] for c in data["claims"])
     assert ch.notebook.read_bytes() == before, "a smoke run changed the committed notebook"
     nb = nbformat.read(tmp_path / ch.notebook.name, as_version=4)
