@@ -450,9 +450,18 @@ def test_gptq_model_matches_reference_sequential(true_sequential):
     ref = _ref_sequential(model, calib, 4, -1, True, true_sequential)
     other = _ref_sequential(model, calib, 4, -1, True, not true_sequential)
     for (name, a), (_, b), (_, c) in zip(ours.quantizable(), ref.quantizable(), other.quantizable()):
-        assert torch.allclose(a.weight, b.weight, rtol=0, atol=1e-6), name
+        # Weight for weight, but for a code that sits on a rounding boundary in float32: which way it rounds
+        # depends on the machine's BLAS (on an AMD EPYC, 2026-12-05: 2 of 128 rows of 1.mlp.c_proj, 152 of
+        # 65,536 codes, where the machine before it matched exactly). GPTQ's error feedback carries one flip
+        # along its row, so a few rows may differ, always on the same grid (whole steps apart): at most 5% of
+        # rows and 1% of codes. The other grouping differs in 20-26% of every later layer's codes.
+        step = (b.weight.amax(1, keepdim=True) - b.weight.amin(1, keepdim=True)) / 15  # 4 bits, one group per row
+        steps = (a.weight - b.weight) / step
+        differ = steps.abs() > 1e-3
+        assert ((steps - steps.round()).abs() < 1e-3).all(), name  # same grid: whole steps apart
+        assert differ.any(1).float().mean() <= 0.05 and differ.float().mean() <= 0.01, name
         if name != "0.attn.c_attn":  # the first group sees the same inputs either way; no later layer does
-            assert not torch.allclose(a.weight, c.weight, rtol=0, atol=1e-6), name
+            assert ((a.weight - c.weight).abs() > 1e-6).float().mean() > 0.1, name
 
 
 def test_true_sequential_changes_later_layers_only():

@@ -6,9 +6,10 @@ What a reader meets and `jupyter-book build -W` cannot see. Each page fails on:
   cell printed into a stream output);
 - at 1400 px, a display equation, table, or code/output block wider than the text column. Nothing the
   reader needs may hide behind a sideways scroll on a desktop screen: split the equation, slim the table,
-  wrap the block (`_static/course.css`). At 390 px (a phone) an equation or a table may scroll sideways
-  inside its own container (the theme wraps tables in `.pst-scrollable-table-container`, `course.css` makes
-  display math `overflow-x: auto`), on purpose; the page itself must not;
+  wrap the block (`_static/course.css`). At 390 px (a phone) a table may scroll sideways inside its own
+  container (the theme wraps tables in `.pst-scrollable-table-container`), on purpose, and the page itself
+  must not; a display equation must fit its box there too (`course.css` lets display math scroll, as a
+  fallback only: since 2026-12-05 every one is split over aligned lines where a phone would cut it);
 - a JavaScript console error (a script that failed, or a resource that did not load: offline, a CDN
   counts as not loading);
 - on a chapter page, a claim card (the last code cell's output) that is not a table, or whose `grade`
@@ -207,6 +208,9 @@ const tooWide = (el, kind, inner) => {
   } else if (r.right > width + 1 && !box) {
     problems.push({what: `${kind} runs off a ${width} px screen with no scroll of its own`, where: where(el),
                    el: mark(el)});
+  } else if (inner && w > el.clientWidth + 1) {  // a display equation: split it over aligned lines instead
+    problems.push({what: `${kind} ${Math.round(w)} px wide in a ${el.clientWidth} px box at ${width} px: a reader `
+                   + "scrolls to see its end (split it over aligned lines)", where: where(el), el: mark(el)});
   }
 };
 article.querySelectorAll('mjx-container[display="true"]').forEach(
