@@ -5,6 +5,7 @@ CPU only, seeded, seconds. The smoke execution of the notebook is covered by tes
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -513,3 +514,29 @@ def test_bench_layer_records_the_goals_replicates_from_alternating_timings():
     assert r["grouped_vs_dense_fwdbwd"] == [(n0 + 1) / (n0 + 2), (n0 + 3) / (n0 + 4), (n0 + 5) / (n0 + 6)]
     assert r["grouped_vs_loop_fwdbwd"] == [(n0 + 7) / (n0 + 8), (n0 + 9) / (n0 + 10), (n0 + 11) / (n0 + 12)]
     assert not any(calls)  # no CUDA graphs on the CPU
+
+
+# ------------------------------------------------------------------------------------------ router z-loss
+
+
+def test_router_z_loss_is_st_moe_eq_5_and_enters_the_training_loss():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # logsumexp: log 2 and log 4
+    assert moe.router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    torch.manual_seed(0)
+    base = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=16, ffn="moe", n_experts=4, d_expert=32)
+    idx = torch.randint(0, 64, (2, 16))
+    plain = moe.GPT(moe.GPTConfig(**base))
+    with_z = moe.GPT(moe.GPTConfig(**base, z_loss=1e-3))
+    with_z.load_state_dict(plain.state_dict())  # the same weights: z_loss adds a layer attribute, no parameter
+    ce0, aux0 = plain(idx, idx)
+    ce1, aux1 = with_z(idx, idx)
+    assert all(isinstance(m, moe.ZLossMoE) for m in with_z.moe_layers())
+    assert not any(isinstance(m, moe.ZLossMoE) for m in plain.moe_layers())
+    assert torch.equal(ce0, ce1)  # the layer's output is unchanged
+    z = sum(m.z for m in with_z.moe_layers())
+    assert (aux1 - aux0).item() == pytest.approx(1e-3 * z.item(), rel=1e-5)
+    assert z.item() > 0
+    aux1.backward()
+    assert with_z.moe_layers()[0].router.grad.abs().sum() > 0  # the z-loss reaches W_r
+    with pytest.raises(ValueError, match="z_loss"):
+        moe.GPTConfig(z_loss=-1e-3)

@@ -520,6 +520,7 @@ class GPTConfig:
     bias_rate: float = 1e-3  # u of Wang et al. Algorithm 1
     router_dtype: str = "fp32"  # "fp32" (Switch's selective precision) | "bf16" (logits and softmax_lowp)
     router_init: float = 0.02  # std of W_r; ≈ Switch's scale s = 0.1 at d = 256 (std sqrt(s / d)); s = 1.0 is 0.0625
+    z_loss: float = 0.0  # c_z of ST-MoE's router z-loss (§3.3, eq. 5; their value 1e-3); 0: none
     init_scale: float | None = None  # Switch §2.4: every weight matrix but the embeddings from a truncated normal
     #                                  of std sqrt(s / fan_in), resampled beyond 2 std; None: GPT-2's std 0.02
     capacity_factor: float | None = None  # None: dropless
@@ -537,6 +538,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.capacity_factor={self.capacity_factor}: must be > 0 (or None)")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_head={self.n_head}")
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ValueError(f"GPTConfig.z_loss={self.z_loss}: must be a finite number >= 0")
 
 
 class MLP(nn.Module):
@@ -595,6 +598,26 @@ class MoE(nn.Module):
         self.bias += self.cfg.bias_rate * torch.sign(c.mean() - c)
 
 
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, §3.3, eq. 5): the mean over the B tokens of the squared
+    log-sum-exp of each token's router logits, (1/B) Σ_j (log Σ_i e^{x_ji})², in float32. It penalises large
+    logits, whose exponentials round badly in low precision, and leaves the softmax's argmax alone."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class ZLossMoE(MoE):
+    """The MoE layer with the router z-loss beside its balancing loss: ``self.z`` holds this step's z-loss
+    (the GPT adds c_z times its sum over layers to the training loss). The logits are recomputed from x and
+    W_r in the router's precision (one (N, d) x (d, E) product more): the layer's forward is the one above."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        dtype = torch.float32 if self.cfg.router_dtype == "fp32" else torch.bfloat16
+        logits = x.reshape(-1, x.shape[-1]).to(dtype) @ self.router.to(dtype).t()
+        self.z = router_z_loss(logits)
+        return y
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -616,7 +639,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ffn = MoE(cfg) if cfg.ffn == "moe" else MLP(cfg.d_model, cfg.d_ff, cfg.n_layer)
+        moe = ZLossMoE if cfg.z_loss else MoE
+        self.ffn = moe(cfg) if cfg.ffn == "moe" else MLP(cfg.d_model, cfg.d_ff, cfg.n_layer)
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -643,15 +667,18 @@ class GPT(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def forward(self, idx, targets, reduction: str = "mean"):
-        """Returns (cross-entropy, α · Σ_layers aux loss) for (B, T) token ids and targets
-        (``reduction="none"``: the cross-entropy of every token, (B*T,))."""
+        """Returns (cross-entropy, α · Σ_layers aux loss [+ c_z · Σ_layers z-loss]) for (B, T) token ids and
+        targets (``reduction="none"``: the cross-entropy of every token, (B*T,))."""
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied embeddings; (B, T, V)
         ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)  # fp32
         aux = [m.aux for m in self.moe_layers() if m.aux is not None]
-        return ce, (self.cfg.aux_alpha * torch.stack(aux).sum() if aux else torch.zeros((), device=ce.device))
+        extra = self.cfg.aux_alpha * torch.stack(aux).sum() if aux else torch.zeros((), device=ce.device)
+        if self.cfg.z_loss:
+            extra = extra + self.cfg.z_loss * torch.stack([m.z for m in self.moe_layers()]).sum()
+        return ce, extra
 
 
 def param_counts(model: GPT) -> dict[str, int]:
