@@ -163,7 +163,7 @@ def test_device_probe_runs_its_checks_in_the_interpreter(tmp_path):
     import ch03_hopper_probe as probe
 
     out = tmp_path / "probe.json"
-    probe.main(["--dry-run", "--out", str(out), "--parts", "check,fp8_error", "--reps", "1"])
+    probe.main(["--dry-run", "--out", str(out), "--parts", "check,fp8_error", "--error-seeds", "1"])
     res = json.loads(out.read_text())
     assert set(res["parts"]) == {"check", "fp8_error"}
     for row in res["parts"]["check"]["rows"]:
@@ -195,3 +195,17 @@ def test_sm90_build_uses_tma_and_wgmma_without_spills(tmp_path):
         assert r["UTMALDG"] > 0 and r["spill_bytes"] == 0
         assert r["QGMMA" if dtype == "fp8" else "HGMMA"] > 0
     assert ours[("bf16", True)]["sass_sha"] == ours[("bf16", False)]["sass_sha"]  # Triton 3.6 ignores it here
+
+
+def test_a_goal_replicate_is_the_worst_shape_of_that_replicate():
+    hb = import_interpreted("hopper_bench")
+    rows = [{"N": 4096, "causal": False, "r": [1.0, 0.9, 1.2]}, {"N": 4096, "causal": True, "r": [0.8, 1.1, 1.3]},
+            {"N": 8192, "causal": False, "r": [1.4, 1.0, 0.7]}, {"N": 8192, "causal": True, "r": [1.0, 1.0, 1.0]}]
+    shapes = [(n, c) for n in (4096, 8192) for c in (False, True)]
+    assert hb.worst_per_replicate(rows, "r", shapes) == [0.8, 0.9, 0.7]
+    with pytest.raises(ValueError, match="declares"):
+        hb.worst_per_replicate(rows[:3], "r", shapes)  # a shape missing
+    with pytest.raises(ValueError, match="declares"):
+        hb.worst_per_replicate(rows + rows[:1], "r", shapes)  # a shape twice
+    with pytest.raises(ValueError, match="replicate counts"):
+        hb.worst_per_replicate(rows[:3] + [{"N": 8192, "causal": True, "r": [1.0]}], "r", shapes)
