@@ -209,3 +209,32 @@ def test_a_goal_replicate_is_the_worst_shape_of_that_replicate():
         hb.worst_per_replicate(rows + rows[:1], "r", shapes)  # a shape twice
     with pytest.raises(ValueError, match="replicate counts"):
         hb.worst_per_replicate(rows[:3] + [{"N": 8192, "causal": True, "r": [1.0]}], "r", shapes)
+
+
+def test_grade_records_the_declared_goals_from_the_rows(tmp_path):
+    """hopper_bench.grade on made-up rows: each goal gets the values its metric declares (worst shape per
+    replicate; one ratio per seed), a part not measured records its goals untested, and FA3's claim is untested."""
+    import time
+
+    from repro_utils.claims import load_chapter
+    from repro_utils.run import Run
+
+    hb = import_interpreted("hopper_bench")
+    ch = load_chapter(ROOT / "chapters" / "03_flash_attention")
+    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0}, started="2026-12-05T00:00:00+00:00", t0=time.time())
+    ratios = [{"d": 128, "causal": c, "N": n, "kernel": k, "vs cuDNN (x)": [0.97 + 0.01 * i for i in range(5)]}
+              for n in (1024, 4096, 8192, 16384) for c in (False, True) for k in ("descriptors", "studied kernel bwd")]
+    worst = next(r for r in ratios if (r["N"], r["causal"], r["kernel"]) == (4096, False, "descriptors"))
+    worst["vs cuDNN (x)"] = [0.5] * 5  # the worst shape decides every replicate
+    next(r for r in ratios if (r["N"], r["kernel"]) == (1024, "descriptors"))["vs cuDNN (x)"] = [0.1] * 5  # not a goal shape
+    fp8_error = [{"seed": s, "shape": [4, 16, 4096, 128], "baseline / ours (x)": x} for s, x in enumerate([2.5, 2.6, 2.55])]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("repro_utils.run.reference_gpu", lambda: True)
+        hb.grade(run, speed={"ratios": ratios}, fp8_error=fp8_error, fp8_speed=None, device="test")
+    goals = {g["id"]: g for g in run.to_dict()["goals"]}
+    assert goals["fwd-vs-cudnn"]["measured"]["values"] == [0.5] * 5 and goals["fwd-vs-cudnn"]["grade"] == "Not met"
+    assert goals["bwd-vs-cudnn"]["measured"]["values"] == pytest.approx([0.97, 0.98, 0.99, 1.0, 1.01])
+    assert goals["fp8-error-vs-baseline"]["grade"] == "Met"
+    assert goals["fp8-fwd-vs-bf16"]["measured"]["why_untested"] == "not measured in this run"
+    claims = {c["id"]: c for c in run.to_dict()["claims"]}
+    assert claims["fa3-fp8-error"]["grade"].startswith("Unverified")

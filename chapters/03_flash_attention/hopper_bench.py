@@ -209,3 +209,59 @@ def worst_per_replicate(rows, key: str, shapes) -> list[float]:
     if len(reps) != 1:
         raise ValueError(f"{key}: shapes have different replicate counts {sorted(reps)}")
     return [min(r[key][i] for r in rows) for i in range(reps.pop())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Grading: the goals and the FP8 claim declared (pending) in claims.yaml, from the rows above
+# ----------------------------------------------------------------------------------------------
+
+GOAL_SEQ_LENS = (4096, 8192, 16384)  # "N >= 4K" in the goals
+
+
+def grade(run, *, speed: dict | None, fp8_error: list[dict] | None, fp8_speed: list[dict] | None, device: str,
+          why_not: str = "not measured in this run") -> None:
+    """Record fwd-vs-cudnn, bwd-vs-cudnn, fp8-error-vs-baseline and fp8-fwd-vs-bf16 on ``run`` (a
+    repro_utils Run) from the rows of ``speed_rows``, ``fp8_error_rows`` and ``fp8_speed_rows``, as each goal's
+    metric declares; a part that is None (or lacks a declared shape) records its goals untested with
+    ``why_not`` (or what is missing). fa3-fp8-error is recorded untested: FA3 is not installed."""
+    both = [(n, c) for n in GOAL_SEQ_LENS for c in (False, True)]
+    for gid, kernel in (("fwd-vs-cudnn", "descriptors"), ("bwd-vs-cudnn", "studied kernel bwd")):
+        if speed is None:
+            run.untested(gid, why_not)
+            continue
+        rows = [r for r in speed["ratios"] if r["kernel"] == kernel and r["d"] == 128 and r["N"] in GOAL_SEQ_LENS]
+        try:
+            values = worst_per_replicate(rows, "vs cuDNN (x)", both)
+        except ValueError as e:
+            run.untested(gid, f"{why_not}: {e}")
+            continue
+        run.goal(gid, values=values, setting=f"{device}, bf16, head dim 128, 16 heads, batch 16K / N, N = 4K, 8K, "
+                 "16K, causal and not; per replicate the worst of the six shapes; cuDNN = SDPA's CUDNN_ATTENTION",
+                 details={"per_shape": rows})
+    if fp8_error is None:
+        run.untested("fp8-error-vs-baseline", why_not)
+    else:
+        rows = [r for r in fp8_error if r["shape"] == [4, 16, 4096, 128]]
+        if rows:
+            run.goal("fp8-error-vs-baseline", values=[r["baseline / ours (x)"] for r in rows],
+                     seeds=[r["seed"] for r in rows], setting=f"{device}; Q, K, V ~ N(0,1) + N(0,100)·Bernoulli(0.001), "
+                     "fp16, shape (4, 16, 4096, 128); RMSE against float64 attention; one ratio per seed",
+                     details={"rows": fp8_error, "fa3_table3": FA3_TABLE3})
+        else:
+            run.untested("fp8-error-vs-baseline", f"{why_not}: no row at the declared shape (4, 16, 4096, 128)")
+    if fp8_speed is None:
+        run.untested("fp8-fwd-vs-bf16", why_not)
+    else:
+        rows = [r for r in fp8_speed if r["d"] == 256 and not r["causal"] and r["N"] in GOAL_SEQ_LENS
+                and "fp8 / bf16 (x)" in r]
+        try:
+            values = worst_per_replicate(rows, "fp8 / bf16 (x)", [(n, False) for n in GOAL_SEQ_LENS])
+        except ValueError as e:
+            run.untested("fp8-fwd-vs-bf16", f"{why_not}: {e}")
+        else:
+            run.goal("fp8-fwd-vs-bf16", values=values, setting=f"{device}, head dim 256, 8 heads, batch 16K / N, "
+                     "N = 4K, 8K, 16K, no causal mask; quantization not counted; per replicate the worst shape",
+                     details={"rows": fp8_speed})
+    run.untested("fa3-fp8-error", "FlashAttention-3 (flash_attn_interface, built from the repository's hopper/ "
+                 "folder) is not installed on the course's GPU machines; the chapter's own FP8 forward, which "
+                 "implements both techniques, is the goal fp8-error-vs-baseline")
