@@ -540,3 +540,15 @@ def test_router_z_loss_is_st_moe_eq_5_and_enters_the_training_loss():
     assert with_z.moe_layers()[0].router.grad.abs().sum() > 0  # the z-loss reaches W_r
     with pytest.raises(ValueError, match="z_loss"):
         moe.GPTConfig(z_loss=-1e-3)
+
+
+def test_unstable_flags_divergence_and_loss_spikes_only():
+    def res(curve, diverged=False):
+        return moe.TrainResult("r", moe.GPTConfig(), 0, val_loss=list(curve), diverged=diverged)
+
+    assert not moe.unstable(res([10.8, 7.0, 6.2, 6.0]))  # falls all the way
+    assert not moe.unstable(res([10.8, 7.0, 7.4, 6.0]))  # a rise of 0.4 nats: noise, not a spike
+    assert moe.unstable(res([10.8, 7.0, 7.6, 6.0]))  # a rise of 0.6 nats between evaluations
+    assert moe.unstable(res([10.8, 7.0, float("nan")]))
+    assert moe.unstable(res([10.8, 7.0], diverged=True))
+    assert moe.unstable(res([10.8, 7.0, 7.4]), rise=0.3)

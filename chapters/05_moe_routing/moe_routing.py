@@ -825,6 +825,14 @@ def maxvio_per_batch(load: np.ndarray) -> np.ndarray:
     return ((load.max(axis=-1) - mean) / mean).mean(axis=-1)
 
 
+def unstable(res, rise: float = 0.5) -> bool:
+    """The control of router-z-loss-stress: a run that diverged (a non-finite loss) or whose validation loss rose
+    by more than ``rise`` nats from one evaluation to the next (a loss spike that training had to recover from)."""
+    if res.diverged or not all(math.isfinite(v) for v in res.val_loss):
+        return True
+    return any(b - a > rise for a, b in zip(res.val_loss, res.val_loss[1:]))
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
