@@ -322,6 +322,11 @@ def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(cou
     assert check(course) == []
     board = (course / "book" / "scoreboard.md").read_text()
     assert board.count("declared 2026-12-05, not yet run") == 2
+    # a regrade of the earlier run (a protocol strengthened elsewhere) leaves the pending declarations out
+    from repro_utils.records import regrade_data
+
+    again = regrade_data(load_chapter(f.parent), data, note="test", commit="0" * 40)
+    assert "later-claim" not in {c["id"] for c in again["claims"]} and again["goals"] == []
     # the date is part of the mark
     f.write_text(text.replace("claims:\n", "claims:\n" + PENDING_CLAIM.replace("2026-12-05: ", ""), 1))
     with pytest.raises(Exception, match="pending"):

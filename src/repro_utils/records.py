@@ -45,7 +45,8 @@ def regrade_data(ch: Chapter, data: dict[str, Any], *, note: str, commit: str, d
 
     ``moved`` maps a goal id to the id of the old claim whose measurement it takes over (a self-set
     target that used to be graded as a claim). Claims no longer declared leave the ledger (their history
-    stays in git); declared claims the run never measured grade Unverified."""
+    stays in git); declared claims the run never measured grade Unverified, but for pending ones (declared for a
+    later run), which stay out."""
     profile = data["profile"]
     old = {c["id"]: c for c in data["claims"]} | {g["id"]: g for g in data.get("goals", [])}
     moved = moved or {}
@@ -64,9 +65,11 @@ def regrade_data(ch: Chapter, data: dict[str, Any], *, note: str, commit: str, d
 
     out = dict(data)
     out["schema_version"] = ledger.SCHEMA_VERSION
-    out["claims"] = [entry(c, old.get(c.id)) for c in ch.claims]
+    # a pending declaration waits for the run that records it: a regrade of an earlier run leaves it out
+    out["claims"] = [entry(c, old.get(c.id)) for c in ch.claims if not (c.pending and c.id not in old)]
     # a goal takes the moved claim's measurement if the run still has it, else its own (moved by an earlier regrade)
-    out["goals"] = [entry(g, old.get(moved.get(g.id)) or old.get(g.id)) for g in ch.goals]
+    out["goals"] = [entry(g, old.get(moved.get(g.id)) or old.get(g.id)) for g in ch.goals
+                    if not (g.pending and g.id not in old and moved.get(g.id) not in old)]
     entry_ = {"date": date or _today(), "commit": commit, "note": note}
     history = [r for r in data.get("regraded", []) if (r["date"], r["note"]) != (entry_["date"], note)]
     out["regraded"] = [*history, entry_]  # regrading twice on one day with one note is one regrade
