@@ -552,3 +552,30 @@ def test_unstable_flags_divergence_and_loss_spikes_only():
     assert moe.unstable(res([10.8, 7.0, float("nan")]))
     assert moe.unstable(res([10.8, 7.0], diverged=True))
     assert moe.unstable(res([10.8, 7.0, 7.4]), rise=0.3)
+
+
+def test_shared_expert_ablation_swaps_it_for_one_more_routed_expert_and_restores_it():
+    torch.manual_seed(0)
+    cfg = moe.GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=16, ffn="moe", n_experts=5,
+                        d_expert=32, n_shared=1)
+    model = moe.GPT(cfg).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        base = model(idx, idx)[0]
+        with moe.shared_expert_ablated(model):
+            assert all(m.shared is None and m.cfg.top_k == 2 for m in model.moe_layers())
+            swapped = model(idx, idx)[0]
+        with moe.shared_expert_ablated(model, replace=False):
+            assert all(m.shared is None and m.cfg.top_k == 1 for m in model.moe_layers())
+            off = model(idx, idx)[0]
+        again = model(idx, idx)[0]
+        assert torch.equal(base, again) and all(m.shared is not None and m.cfg.top_k == 1 for m in model.moe_layers())
+        assert not torch.equal(base, swapped) and not torch.equal(base, off) and not torch.equal(off, swapped)
+        for m in model.moe_layers():  # a shared expert that outputs nothing: switching it off changes nothing
+            m.shared.proj.weight.zero_()
+        zeroed = model(idx, idx)[0]
+        with moe.shared_expert_ablated(model, replace=False):
+            assert torch.allclose(model(idx, idx)[0], zeroed, atol=1e-6)
+    with pytest.raises(ValueError, match="shared expert"):
+        with moe.shared_expert_ablated(moe.GPT(moe.GPTConfig(**{**cfg.__dict__, "n_shared": 0}))):
+            pass

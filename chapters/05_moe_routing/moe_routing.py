@@ -19,8 +19,10 @@ Dai et al. 2024, "DeepSeekMoE"; Wang et al. 2024, "Auxiliary-Loss-Free Load Bala
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -823,6 +825,28 @@ def maxvio_per_batch(load: np.ndarray) -> np.ndarray:
     load = np.asarray(load, dtype=np.float64)
     mean = load.mean(axis=-1)
     return ((load.max(axis=-1) - mean) / mean).mean(axis=-1)
+
+
+@contextmanager
+def shared_expert_ablated(model, *, replace: bool = True):
+    """DeepSeekMoE §4.5's ablation of a trained model, undone on exit: every MoE layer's shared expert is switched
+    off and, with ``replace``, one more routed expert is activated instead (top_k + 1: the same computation when, as
+    in DeepSeekMoE and in this chapter's shared-1+15 model, the shared expert is as wide as a routed one). Without
+    ``replace`` the shared expert is only switched off: the control that shows it carries something at all."""
+    layers = model.moe_layers()
+    if not layers or any(m.shared is None for m in layers):
+        raise ValueError("shared_expert_ablated needs a model whose every MoE layer has a shared expert (n_shared >= 1)")
+    saved = [(m, m.cfg, m.shared) for m in layers]
+    try:
+        for m, cfg, _ in saved:
+            top_k = cfg.top_k + 1 if replace else cfg.top_k
+            if top_k > cfg.n_experts:
+                raise ValueError(f"top_k + 1 = {top_k} exceeds the {cfg.n_experts} routed experts")
+            m.cfg, m.shared = dataclasses.replace(cfg, top_k=top_k, n_shared=0), None
+        yield model
+    finally:
+        for m, cfg, shared in saved:
+            m.cfg, m.shared = cfg, shared
 
 
 def unstable(res, rise: float = 0.5) -> bool:
