@@ -78,3 +78,23 @@ def test_list_shows_claims_profiles_and_minutes(course, capsys):
     assert main(["--root", str(course), "list"]) == 0
     out = capsys.readouterr().out
     assert "00_selftest" in out and "uniform-mean" in out and "smoke ~0.2 min" in out and "tested by: gpu" in out
+
+
+def test_list_marks_pending_declarations_and_shows_goals(course, capsys):
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text() + """
+goals:
+  - id: later-goal
+    goal: A target declared after the last run, for the next one.
+    metric: a ratio
+    unit: x
+    target: {at_least: 1.0}
+    baseline: itself
+    profiles: [gpu]
+    deterministic: "a number the self-test writes down, the same every run"
+    pending: "2026-12-05: graded by the next gpu run"
+""")
+    assert main(["--root", str(course), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "goal later-goal: A target declared" in out and "tested by: gpu; declared 2026-12-05, not yet run" in out
+    assert "uniform-mean" in out and "uniform-mean: The mean of n samples of U(0, 1) is 1/2.  [tested by: smoke, gpu]" in out

@@ -25,7 +25,11 @@ def cmd_list(args) -> int:
         mins = " · ".join(f"{p} ~{m:g} min" for p, m in ch.minutes.items())
         print(f"{ch.id}  {ch.title}\n    profiles: {mins}")
         for c in ch.claims:
-            print(f"    - {c.id}: {c.claim}  [tested by: {', '.join(c.profiles)}]")
+            when = f"; declared {c.pending[:10]}, not yet run" if c.pending else ""
+            print(f"    - {c.id}: {c.claim}  [tested by: {', '.join(c.profiles)}{when}]")
+        for g in ch.goals:
+            when = f"; declared {g.pending[:10]}, not yet run" if g.pending else ""
+            print(f"    - goal {g.id}: {g.goal}  [tested by: {', '.join(g.profiles)}{when}]")
         extra = ", ".join(f"{k} ({v['type']})" for k, v in ch.parameters.items())
         print(f"    parameters: profile, seed{', ' + extra if extra else ''}")
     return 0
