@@ -345,3 +345,56 @@ def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(cou
     ledger.write(ledger.path_for(course, data), data)
     scoreboard.write(course)
     assert any("'later-claim' is graded by this run" in p and "remove `pending`" in p for p in check(course))
+
+
+def test_a_staged_next_notebook_is_run_checked_and_published_in_place_of_the_old(course, tmp_path):
+    """<chapter>.next.ipynb: the chapter's next version, committed without outputs while the published notebook
+    keeps its run's. Runs execute it, `repro check` holds it to no outputs and the chapter's parameters (the
+    published notebook may lack a parameter added for it), and publishing a run of it removes it."""
+    from repro_utils.claims import load_chapter
+    from repro_utils.execute import publish_run, run_chapter
+
+    folder = course / "chapters" / "00_selftest"
+    published = folder / "00_selftest.ipynb"
+    nb = nbformat.read(published, as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+    nb.cells.insert(len(nb.cells) - 1, nbformat.v4.new_code_cell('print("staged cell ran")'))
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params.source += "\nlabel = None"
+    staged = folder / "00_selftest.next.ipynb"
+    nbformat.write(nb, staged)
+    claims = folder / "claims.yaml"
+    claims.write_text(claims.read_text().replace("parameters:\n", "parameters:\n  label:\n    type: str\n"
+                                                 "    default: none\n    help: a parameter the staged version adds\n", 1))
+    ch = load_chapter(folder)
+    assert ch.source_notebook == staged
+    gpu_ledger(course)
+    assert check(course) == []  # the published notebook lacks `label`: allowed while the staged version has it
+    # a smoke run executes the staged version
+    r = run_chapter(course, ch, {"profile": "smoke", "n": 20000}, out=tmp_path / "smoke")
+    assert r.ok, r.error
+    ran = nbformat.read(tmp_path / "smoke" / "00_selftest.ipynb", as_version=4)
+    assert any("staged cell ran" in "".join(o.get("text", "")) for c in ran.cells for o in c.get("outputs", []))
+    # staged outputs, or parameters that disagree with claims.yaml, are problems
+    bad = nbformat.read(staged, as_version=4)
+    bad.cells[-2].outputs = [nbformat.v4.new_output("stream", text="x")]
+    nbformat.write(bad, staged)
+    assert any("staged notebook holds outputs" in p for p in check(course))
+    nbformat.write(nb, staged)
+    claims.write_text(claims.read_text().replace("  label:\n    type: str\n    default: none\n    help: a parameter "
+                                                 "the staged version adds\n", ""))
+    assert any("00_selftest.next.ipynb: parameters cell assigns" in p for p in check(course))
+    claims.write_text(claims.read_text().replace("parameters:\n", "parameters:\n  label:\n    type: str\n"
+                                                 "    default: none\n    help: a parameter the staged version adds\n", 1))
+    # publishing a gpu run of it: the published notebook becomes the staged version, which goes
+    ran.metadata.setdefault("papermill", {})["parameters"] = {"profile": "gpu"}
+    executed = tmp_path / "gpu" / "00_selftest.ipynb"
+    executed.parent.mkdir()
+    nbformat.write(ran, executed)
+    lg = tmp_path / "gpu" / "00_selftest.json"
+    shutil.copyfile(device_ledger(course, "NVIDIA H200", 1.8), lg)
+    publish_run(course, load_chapter(folder), executed, lg)
+    assert not staged.exists()
+    assert "staged cell ran" in published.read_text()

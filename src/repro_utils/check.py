@@ -12,6 +12,8 @@
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
 - a claim given two different decided grades on two devices (or by two runs of one device at the same
   protocol) is *unstable*, and needs a dated line in book/corrections.md that explains it;
+- a staged next version of a chapter's notebook (``<chapter>.next.ipynb``) has no outputs and declares the
+  chapter's parameters (the published notebook may then lack parameters added for it);
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
   piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
   edited after the run means the run must be repeated);
@@ -55,7 +57,13 @@ def _check_notebook(root: Path, ch) -> list[str]:
     except (ValueError, SyntaxError) as e:
         return [str(e)]
     want = set(COMMON) | set(ch.parameters)
-    if set(names) != want:
+    staged = ch.next_notebook.is_file()
+    if staged:  # parameters added for the staged version: the published notebook may lack them until it runs
+        problems += _check_staged(ch, want)
+        if not set(names) <= want:
+            problems.append(f"{nb_path}: parameters cell assigns {sorted(set(names) - want)}, which claims.yaml no "
+                            "longer declares")
+    elif set(names) != want:
         problems.append(f"{nb_path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}")
     has_outputs = any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     if has_outputs:
@@ -67,6 +75,24 @@ def _check_notebook(root: Path, ch) -> list[str]:
         elif not any((root / "results" / profile / ch.id).glob("*.json")):
             problems.append(f"{nb_path}: outputs from a {profile} run but results/{profile}/{ch.id}/ holds no ledger")
         problems += _check_shown_code(root, nb_path, nb)
+    return problems
+
+
+def _check_staged(ch, want: set[str]) -> list[str]:
+    """A staged next version (``<chapter>.next.ipynb``) has no outputs (it has not run: its outputs come with the
+    run that publishes it) and declares exactly the chapter's parameters."""
+    path = ch.next_notebook
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    if any(c.get("outputs") for c in nb.cells if c.cell_type == "code"):
+        problems.append(f"{path}: a staged notebook holds outputs: clear them (its outputs come with the gpu or full "
+                        "run that publishes it)")
+    try:
+        names = notebook_parameters(path, nb)
+    except (ValueError, SyntaxError) as e:
+        return problems + [str(e)]
+    if set(names) != want:
+        problems.append(f"{path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}")
     return problems
 
 

@@ -125,6 +125,18 @@ class Chapter:
     def notebook(self) -> Path:
         return self.folder / f"{self.id}.ipynb"
 
+    @property
+    def next_notebook(self) -> Path:
+        """The chapter's next version, staged: ``<chapter>.next.ipynb``, without outputs, beside the published
+        notebook. Where it exists, every run executes it (CI's smoke run tests it), the book keeps rendering the
+        published one, and publishing a gpu/full run of it replaces the published notebook and removes it."""
+        return self.folder / f"{self.id}.next.ipynb"
+
+    @property
+    def source_notebook(self) -> Path:
+        """The notebook a run executes: the staged next version if there is one, else the published one."""
+        return self.next_notebook if self.next_notebook.is_file() else self.notebook
+
     def claim(self, claim_id: str) -> Claim:
         for c in self.claims:
             if c.id == claim_id:

@@ -65,7 +65,7 @@ def run_chapter(root: Path, ch: Chapter, given: dict[str, Any], *, out: Path | N
     os.environ.update(REPRO_OUT=str(out.resolve()), REPRO_ROOT=str(root.resolve()))
     t0 = time.time()
     try:
-        pm.execute_notebook(str(ch.notebook), str(nb_out), parameters=params, cwd=str(ch.folder),
+        pm.execute_notebook(str(ch.source_notebook), str(nb_out), parameters=params, cwd=str(ch.folder),
                             kernel_name="python3", progress_bar=False, log_output=log_output)
     except Exception as e:  # papermill raises PapermillExecutionError with the cell's traceback
         msg = getattr(e, "evalue", None) or str(e).strip().splitlines()[-1]
@@ -122,7 +122,8 @@ def tidy_outputs(nb) -> int:
 def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Path:
     """Make an executed gpu/full run the committed one: its notebook replaces the chapter's, its ledger
     becomes its device's run (results/<profile>/<chapter>/<device>.json; other devices' runs are kept),
-    and the scoreboard is regenerated. Smoke and CPU runs are refused."""
+    and the scoreboard is regenerated. Smoke and CPU runs are refused. A staged next version of the notebook
+    (``ch.next_notebook``), which a run of it executed, is removed: the published notebook is that version now."""
     data = ledger.read(ledger_path)
     if data["chapter"] != ch.id:
         raise PublishError(f"{ledger_path} is a ledger of {data['chapter']}, not {ch.id}")
@@ -143,6 +144,7 @@ def publish_run(root: Path, ch: Chapter, nb_path: Path, ledger_path: Path) -> Pa
     dest = ledger.path_for(root, data)
     notebooks.tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes, ledger=str(dest.relative_to(root)))
     nbformat.write(nb, ch.notebook)
+    ch.next_notebook.unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ledger_path, dest)
     scoreboard.write(root)
