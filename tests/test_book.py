@@ -17,8 +17,10 @@ def test_jupyter_book_builds_with_no_warnings(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     html = tmp_path / "_build" / "html"
     assert (html / "book" / "scoreboard.html").is_file()
-    for ch in CHAPTERS:  # the published notebooks (a staged <chapter>.next.ipynb is not part of the book)
+    for ch in CHAPTERS:  # the published notebooks; a staged <chapter>.next.ipynb is not part of the book
         assert (html / ch.notebook.relative_to(ROOT).with_suffix(".html")).is_file(), ch.notebook
+        assert not (html / ch.notebook.relative_to(ROOT).parent / f"{ch.id}.next.html").exists()
+    assert not list(html.glob("chapters/*/*.next.html"))
 
 
 # ---- the committed notebooks as a reader meets them (fast: no build) ------------------------------------

@@ -65,7 +65,8 @@ def _pages() -> list[str]:
                 pages.append(entry["file"])
             else:
                 found = sorted(ROOT.glob(entry["glob"] + ".ipynb")) + sorted(ROOT.glob(entry["glob"] + ".md"))
-                pages += [str(p.relative_to(ROOT).with_suffix("")) for p in found]
+                pages += [str(p.relative_to(ROOT).with_suffix("")) for p in found
+                          if not p.name.endswith(".next.ipynb")]  # a staged next version is not in the book
     return pages
 
 
