@@ -63,3 +63,29 @@ def git_commit(root: Path, msg: str) -> None:
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", msg], cwd=root, check=True)
+
+
+# A goal and a claim declared after the self-test chapter's last run, for the next one (pre-registration).
+PENDING_GOAL = """
+goals:
+  - id: later-goal
+    goal: A target declared after the last run, for the next one.
+    metric: a ratio
+    unit: x
+    target: {at_least: 1.0}
+    baseline: itself
+    profiles: [gpu]
+    deterministic: "a number the self-test writes down, the same every run"
+    pending: "2026-12-05: graded by the next gpu run, once the notebook records it"
+"""
+PENDING_CLAIM = """  - id: later-claim
+    claim: A claim declared after the last run, for the next one.
+    source: {paper: "a paper", where: "§1"}
+    metric: anything
+    unit: x
+    claimed: {value: 2, setting: "H100"}
+    holds_if: {at_least: 1.5}
+    profiles: {gpu: own}
+    deterministic: "a number the self-test writes down, the same every run"
+    pending: "2026-12-05: graded by the next gpu run"
+"""

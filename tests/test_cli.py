@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import PENDING_GOAL
 
 from repro_utils.cli import main
 
@@ -82,18 +83,7 @@ def test_list_shows_claims_profiles_and_minutes(course, capsys):
 
 def test_list_marks_pending_declarations_and_shows_goals(course, capsys):
     f = course / "chapters" / "00_selftest" / "claims.yaml"
-    f.write_text(f.read_text() + """
-goals:
-  - id: later-goal
-    goal: A target declared after the last run, for the next one.
-    metric: a ratio
-    unit: x
-    target: {at_least: 1.0}
-    baseline: itself
-    profiles: [gpu]
-    deterministic: "a number the self-test writes down, the same every run"
-    pending: "2026-12-05: graded by the next gpu run"
-""")
+    f.write_text(f.read_text() + PENDING_GOAL)
     assert main(["--root", str(course), "list"]) == 0
     out = capsys.readouterr().out
     assert "goal later-goal: A target declared" in out and "tested by: gpu; declared 2026-12-05, not yet run" in out

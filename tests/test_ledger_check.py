@@ -12,7 +12,7 @@ from unittest import mock
 
 import nbformat
 import pytest
-from conftest import git_commit
+from conftest import PENDING_CLAIM, PENDING_GOAL, git_commit
 
 from repro_utils import ledger, scoreboard
 from repro_utils.check import check
@@ -284,29 +284,6 @@ def test_inconclusive_on_one_device_and_decided_on_another_is_not_unstable(cours
     assert not any("unstable" in p for p in check(course))
 
 
-PENDING_GOAL = """
-goals:
-  - id: later-goal
-    goal: A target declared after the last run, for the next one.
-    metric: a ratio
-    unit: x
-    target: {at_least: 1.0}
-    baseline: itself
-    profiles: [gpu]
-    deterministic: "a number the self-test writes down, the same every run"
-    pending: "2026-12-05: graded by the next gpu run, once the notebook records it"
-"""
-PENDING_CLAIM = """  - id: later-claim
-    claim: A claim declared after the last run, for the next one.
-    source: {paper: "a paper", where: "§1"}
-    metric: anything
-    unit: x
-    claimed: {value: 2, setting: "H100"}
-    holds_if: {at_least: 1.5}
-    profiles: {gpu: own}
-    deterministic: "a number the self-test writes down, the same every run"
-    pending: "2026-12-05: graded by the next gpu run"
-"""
 
 
 def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(course):
