@@ -47,7 +47,7 @@ def sdpa(backend):
     from torch.nn.attention import sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention
 
-    def attention(q, k, v, causal):
+    def attention(q, k, v, causal=False):
         with sdpa_kernel(backend):
             return scaled_dot_product_attention(q, k, v, is_causal=causal)
     return attention

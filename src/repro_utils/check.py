@@ -63,8 +63,8 @@ def _check_notebook(root: Path, ch) -> list[str]:
         if not set(names) <= want:
             problems.append(f"{nb_path}: parameters cell assigns {sorted(set(names) - want)}, which claims.yaml no "
                             "longer declares")
-    elif set(names) != want:
-        problems.append(f"{nb_path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}")
+    else:
+        problems += _parameters_match(nb_path, names, want)
     has_outputs = any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     if has_outputs:
         injected = nb.metadata.get("papermill", {}).get("parameters", {})
@@ -91,9 +91,13 @@ def _check_staged(ch, want: set[str]) -> list[str]:
         names = notebook_parameters(path, nb)
     except (ValueError, SyntaxError) as e:
         return problems + [str(e)]
-    if set(names) != want:
-        problems.append(f"{path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}")
-    return problems
+    return problems + _parameters_match(path, names, want)
+
+
+def _parameters_match(path: Path, names: list[str], want: set[str]) -> list[str]:
+    if set(names) == want:
+        return []
+    return [f"{path}: parameters cell assigns {sorted(names)}, claims.yaml declares {sorted(want)}"]
 
 
 _SHOWN = re.compile(r"```python\n(.*?)\n```", re.S)
