@@ -141,12 +141,13 @@ def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, repli
             "note": "bwd TFLOP/s count 2.5x the forward's FLOPs (FA2 §4.1); ratios are cuDNN time / kernel time"}
 
 
-def fp8_speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, replicate: bool = True) -> list[dict]:
+def fp8_speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, replicate: bool = True,
+                   causals=(False, True)) -> list[dict]:
     """The FP8 forward against the bf16 descriptor forward on the same shapes, quantization left out (and timed
     on its own); with ``replicate``, the ratio bf16 time / FP8 time as ``reps`` alternating replicates."""
     rows = []
     for d in dims:
-        for causal in (False, True):
+        for causal in causals:
             for n in seq_lens:
                 batch, heads = max(1, tokens // n), heads_for(d)
                 q, k, v = inputs(batch, heads, n, d, device=device)
