@@ -375,3 +375,31 @@ def test_a_staged_next_notebook_is_run_checked_and_published_in_place_of_the_old
     publish_run(course, load_chapter(folder), executed, lg)
     assert not staged.exists()
     assert "staged cell ran" in published.read_text()
+
+
+def test_a_staged_notebook_that_records_one_value_where_replicates_are_declared_fails_check(course):
+    """The pre-flight that chapter 03's staged run lacked (its H200 run at d979339 finished and then could not be
+    published): `repro check` reads the staged notebook's run.record / run.goal calls with a literal id, and a claim
+    that declares replicates for a gpu run but is recorded without values=[...] is a problem before any device
+    time is spent. A claim recorded with values, or one the smoke profile alone tests, passes."""
+    folder = course / "chapters" / "00_selftest"
+    nb = nbformat.read(folder / "00_selftest.ipynb", as_version=4)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+    staged = folder / "00_selftest.next.ipynb"
+    nbformat.write(nb, staged)
+    gpu_ledger(course)
+    assert check(course) == []  # uniform-mean is recorded with values=means
+    recording = next(c for c in nb.cells if 'run.record("uniform-mean"' in c.source)
+    recording.source = recording.source.replace('run.record("uniform-mean", values=means,',
+                                                'run.record("uniform-mean", float(sum(means) / len(means)),')
+    nbformat.write(nb, staged)
+    problems = [p for p in check(course) if "00_selftest.next.ipynb" in p]
+    assert len(problems) == 1 and "run.record('uniform-mean', ...) passes one value" in problems[0]
+    assert "declares 3 replicates" in problems[0]
+    # a claim that declares replicates for smoke only is not a gpu run's concern
+    claims = folder / "claims.yaml"
+    claims.write_text(claims.read_text().replace("profiles: {smoke: reduced, gpu: reduced}\n    replicates: 3",
+                                                 "profiles: {smoke: reduced}\n    replicates: 3", 1))
+    assert not [p for p in check(course) if "passes one value" in p]

@@ -12,8 +12,10 @@
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
 - a claim given two different decided grades on two devices (or by two runs of one device at the same
   protocol) is *unstable*, and needs a dated line in book/corrections.md that explains it;
-- a staged next version of a chapter's notebook (``<chapter>.next.ipynb``) has no outputs and declares the
-  chapter's parameters (the published notebook may then lack parameters added for it);
+- a staged next version of a chapter's notebook (``<chapter>.next.ipynb``) has no outputs, declares the
+  chapter's parameters (the published notebook may then lack parameters added for it), and passes ``values=``
+  wherever it records, by a literal id, a claim or goal that declares replicates for a gpu or full run (one
+  value there makes the run unpublishable, which otherwise shows only at the end of a device call);
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
   piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
   edited after the run means the run must be repeated);
@@ -87,11 +89,47 @@ def _check_staged(ch, want: set[str]) -> list[str]:
     if any(c.get("outputs") for c in nb.cells if c.cell_type == "code"):
         problems.append(f"{path}: a staged notebook holds outputs: clear them (its outputs come with the gpu or full "
                         "run that publishes it)")
+    problems += _single_value_records(ch, path, nb)
     try:
         names = notebook_parameters(path, nb)
     except (ValueError, SyntaxError) as e:
         return problems + [str(e)]
     return problems + _parameters_match(path, names, want)
+
+
+def record_calls(nb) -> list[tuple[str, str, ast.Call]]:
+    """(method, id, call) for every ``<x>.record("<id>", ...)`` or ``<x>.goal("<id>", ...)`` in the notebook's
+    code whose id is a string literal (calls with a computed id, e.g. inside a chapter module, are not seen)."""
+    found = []
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(c.source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("record", "goal") and node.args
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                found.append((node.func.attr, node.args[0].value, node))
+    return found
+
+
+def _single_value_records(ch, path: Path, nb) -> list[str]:
+    """Records without ``values=`` of a claim or goal that a gpu/full run must give its declared replicates."""
+    specs = {("record", c.id): c for c in ch.claims} | {("goal", g.id): g for g in ch.goals}
+    problems = []
+    for method, cid, call in record_calls(nb):
+        spec = specs.get((method, cid))
+        if (spec is None or spec.deterministic or not spec.replicates or spec.replicates < 2
+                or not {"gpu", "full"} & set(spec.profiles)):
+            continue
+        if not any(kw.arg == "values" for kw in call.keywords):
+            problems.append(f"{path}: run.{method}({cid!r}, ...) passes one value, but claims.yaml declares "
+                            f"{spec.replicates} replicates: a gpu or full run of this notebook could not be "
+                            "published (pass values=[...], one per seed or repeated timing)")
+    return problems
 
 
 def _parameters_match(path: Path, names: list[str], want: set[str]) -> list[str]:
