@@ -98,9 +98,13 @@ def _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_
         s = tl.dot(q, tl.trans(k))  # fp32; for FP8 operands, in units of the two blocks' scales
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if IS_FP8:  # dequantize S: one scale per query row block times one per key row block
-            k_scale = tl.load(K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + offs_n // QBLOCK,
-                              mask=offs_n < N_CTX, other=0.0)
-            s = s * q_scale[:, None] * k_scale[None, :]
+            if QBLOCK % BLOCK_N == 0:  # the key block lies inside one scale block: one scalar, not BLOCK_N loads
+                k_scale = tl.load(K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + start_n // QBLOCK)
+                s = s * (q_scale * k_scale)[:, None]
+            else:
+                k_scale = tl.load(K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + offs_n // QBLOCK,
+                                  mask=offs_n < N_CTX, other=0.0)
+                s = s * q_scale[:, None] * k_scale[None, :]
         if MASKED:
             keep = offs_n[None, :] < N_CTX
             if CAUSAL:
@@ -112,8 +116,9 @@ def _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_
         l_i = l_i * alpha + tl.sum(p, 1)  # from the fp32 P, before any rounding to FP8
         if IS_FP8:  # V^T block (D, BLOCK_N): its transpose is K-major, as an FP8 matmul needs on sm_90
             vt = v_desc.load([off_hz, 0, start_n]).reshape(HEAD_DIM, BLOCK_N)
-            pv = tl.dot((p * PSCALE).to(vt.dtype), tl.trans(vt))
-            acc = acc * alpha[:, None] + pv * (v_scale / PSCALE)
+            # acc stays in units of PSCALE / v_scale (both constant for the head): the tensor cores accumulate
+            # in place, and the epilogue multiplies by v_scale / PSCALE once
+            acc = tl.dot((p * PSCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
         else:
             v = v_desc.load([off_hz, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -170,6 +175,8 @@ def _attn_fwd_tma(Q, K, V, O, L, Q_SCALE, K_SCALE, V_SCALE, sm_scale, N_CTX, BH,
     acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_hz, offs_m,
                                full_hi, hi, qk_scale, N_CTX, CAUSAL, True, IS_FP8, HEAD_DIM, BLOCK_N, QBLOCK,
                                PSCALE, False)
+    if IS_FP8:
+        acc = acc * (v_scale / PSCALE)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / fk.LOG2E
     tl.store(L + off_hz.to(tl.int64) * N_CTX + offs_m, lse, mask=offs_m < N_CTX)
