@@ -57,7 +57,7 @@ def tma_configs(head_dim: int) -> list[triton.Config]:
     if fk.interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if head_dim == 256:  # compiled for sm_90 (scripts/ch03_hopper_sass.py), 8 warps: no candidate spills in either
-        # dtype (the FP8 kernel did at 128-row tiles until PV accumulated in place); 4 warps spill
+        # dtype (the FP8 kernel did at 128-row tiles until PV accumulated in place; 4-warp tiles, left out, did)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in ((128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2))]
     # 128-row tiles over 4 warps spill at d = 128 (255 registers), as in the studied kernel: left out
