@@ -87,7 +87,7 @@ def _all_configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_hz, offs_m, lo, hi,
+def _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, k_scales, off_hz, offs_m, lo, hi,
                qk_scale, N_CTX, CAUSAL: tl.constexpr, MASKED: tl.constexpr, IS_FP8: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, QBLOCK: tl.constexpr, PSCALE: tl.constexpr,
                WARP_SPECIALIZE: tl.constexpr):
@@ -99,11 +99,9 @@ def _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if IS_FP8:  # dequantize S: one scale per query row block times one per key row block
             if QBLOCK % BLOCK_N == 0:  # the key block lies inside one scale block: one scalar, not BLOCK_N loads
-                k_scale = tl.load(K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + start_n // QBLOCK)
-                s = s * (q_scale * k_scale)[:, None]
+                s = s * (q_scale * tl.load(k_scales + start_n // QBLOCK))[:, None]
             else:
-                k_scale = tl.load(K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + offs_n // QBLOCK,
-                                  mask=offs_n < N_CTX, other=0.0)
+                k_scale = tl.load(k_scales + offs_n // QBLOCK, mask=offs_n < N_CTX, other=0.0)
                 s = s * q_scale[:, None] * k_scale[None, :]
         if MASKED:
             keep = offs_n[None, :] < N_CTX
@@ -160,19 +158,21 @@ def _attn_fwd_tma(Q, K, V, O, L, Q_SCALE, K_SCALE, V_SCALE, sm_scale, N_CTX, BH,
         q_scale = tl.load(Q_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK) + offs_m // QBLOCK,
                           mask=offs_m < N_CTX, other=0.0)
         v_scale = tl.load(V_SCALE + off_hz)
+        k_scales = K_SCALE + off_hz.to(tl.int64) * tl.cdiv(N_CTX, QBLOCK)  # this head's key-block scales
     else:
         q_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
         v_scale = 1.0
+        k_scales = K_SCALE  # unused
     if CAUSAL:
         full_hi = start_m * BLOCK_M
         hi = tl.minimum((start_m + 1) * BLOCK_M, N_CTX)
     else:
         full_hi = (N_CTX // BLOCK_N) * BLOCK_N
         hi = N_CTX
-    acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_hz, offs_m,
+    acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, k_scales, off_hz, offs_m,
                                0, full_hi, qk_scale, N_CTX, CAUSAL, False, IS_FP8, HEAD_DIM, BLOCK_N, QBLOCK,
                                PSCALE, WARP_SPECIALIZE)
-    acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, K_SCALE, v_scale, off_hz, offs_m,
+    acc, l_i, m_i = _tma_inner(acc, l_i, m_i, q, q_scale, k_desc, v_desc, k_scales, off_hz, offs_m,
                                full_hi, hi, qk_scale, N_CTX, CAUSAL, True, IS_FP8, HEAD_DIM, BLOCK_N, QBLOCK,
                                PSCALE, False)
     if IS_FP8:

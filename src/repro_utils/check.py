@@ -122,8 +122,7 @@ def _single_value_records(ch, path: Path, nb) -> list[str]:
     problems = []
     for method, cid, call in record_calls(nb):
         spec = specs.get((method, cid))
-        if (spec is None or spec.deterministic or not spec.replicates or spec.replicates < 2
-                or not {"gpu", "full"} & set(spec.profiles)):
+        if spec is None or spec.deterministic or (spec.replicates or 0) < 2 or not {"gpu", "full"} & set(spec.profiles):
             continue
         if not any(kw.arg == "values" for kw in call.keywords):
             problems.append(f"{path}: run.{method}({cid!r}, ...) passes one value, but claims.yaml declares "
