@@ -54,6 +54,14 @@ def test_a_chapter_opens_with_its_title_then_how_to_run_it(ch):
 
 
 @pytest.mark.parametrize("ch", CHAPTERS, ids=lambda c: c.id)
+def test_the_sidebar_and_the_scoreboard_give_a_chapter_the_same_title(ch):
+    """The sidebar shows the notebook's first heading; the scoreboard and the intro read claims.yaml's title."""
+    for path in [ch.notebook, *ch.notebook.parent.glob("*.next.ipynb")]:
+        first = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0]
+        assert first == f"# {ch.id[:2]} · {ch.title}", f"{path.name}: {first!r} against claims.yaml's {ch.title!r}"
+
+
+@pytest.mark.parametrize("ch", CHAPTERS, ids=lambda c: c.id)
 def test_setup_cells_are_hidden_and_run_all_uses_profile_auto(ch):
     nb = _nb(ch)
     roles = {}
@@ -64,6 +72,15 @@ def test_setup_cells_are_hidden_and_run_all_uses_profile_auto(ch):
             assert notebooks.SETUP_TAGS[role] in cell.metadata.get("tags", []), \
                 f"{ch.notebook.name}: the {role} cell lacks the tag {notebooks.SETUP_TAGS[role]!r}"
     assert set(roles) == {"colab", "parameters", "injected-parameters"}, f"{ch.notebook.name}: setup cells {sorted(roles)}"
+    # the cell that starts the run and the imports and helpers after it: folded, right after the parameters
+    setup = notebooks.setup_cells(nb)
+    assert setup, f"{ch.notebook.name}: no code cell calls start(...)"
+    assert all(c.cell_type != "markdown" or c.source.startswith("# ") or
+               c.get("metadata", {}).get("course", {}).get("generated") for c in nb.cells[:setup[0]]), \
+        f"{ch.notebook.name}: the setup comes after the chapter's text begins; move it up to the parameters"
+    for i in setup:
+        assert notebooks.SETUP_TAGS["setup"] in nb.cells[i].metadata.get("tags", []), \
+            f"{ch.notebook.name}: setup cell {i} is not folded (hide-input): python -m repro_utils.notebooks"
     # "Run all" must not force the published run's profile: the injected cell assigns nothing
     body = ast.parse(roles["injected-parameters"].source).body
     assert body == [], f"{ch.notebook.name}: the injected-parameters cell still assigns values (profile 'gpu' on a reader)"

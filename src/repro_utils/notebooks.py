@@ -4,7 +4,9 @@
 notebook (and what ``python -m repro_utils.notebooks`` applies to the committed notebooks in place):
 
 - the title first; the setup cells hidden the same way in every chapter: the Colab cell removed from the
-  book, the parameters cell folded (``hide-cell``), papermill's injected cell removed from the book;
+  book, the parameters cell folded (``hide-cell``), papermill's injected cell removed from the book, the
+  cell that calls ``start(...)`` and the code cells right after it (imports, helpers) folded to what they
+  print (``hide-input``: ``setup_cells``);
 - papermill's injected cell kept as a commented record, so that "Run all" in Colab or Jupyter uses the
   parameters cell (``profile = "auto"``) and not the published run's ``profile = "gpu"``; the values stay
   in ``nb.metadata.papermill.parameters`` (what ``repro check`` reads), and papermill replaces the cell
@@ -49,7 +51,8 @@ _DEBRIS_LINE = re.compile(r"^Generating \w+ split: ")
 _TORCH_LOG = re.compile(r"^(?:[^\n]*\])?[WEI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 # a library's log line written into the middle of a progress bar (HF's generate_batch); the bar's line goes with it
 _LOG_IN_BAR = re.compile(r"^[^\n]*\| [^\n]* \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - ContinuousBatchingLogger - WARNING - [^\n]*$")
-SETUP_TAGS = {"colab": "remove-cell", "parameters": "hide-cell", "injected-parameters": "remove-cell"}
+SETUP_TAGS = {"colab": "remove-cell", "parameters": "hide-cell", "injected-parameters": "remove-cell",
+              "setup": "hide-input"}
 COLAB_MARK = "# Colab only:"
 INJECTED_MARK = "# Parameters of the published run"
 RUNNING_NOTE = "running-note"  # nb cell metadata course.generated: the "Running this chapter" note
@@ -160,6 +163,32 @@ def _role(cell) -> str | None:
     return None
 
 
+def _calls_start(source: str) -> bool:
+    """Whether a cell's top-level code calls ``start(...)`` (repro_utils.start: the run begins there)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # an IPython magic, or not Python
+        return False
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "start"
+               for stmt in tree.body for n in ast.walk(stmt))
+
+
+def setup_cells(nb) -> list[int]:
+    """The chapter's setup: the code cell that calls ``start(...)`` and the code cells right after it, up to the
+    first Markdown cell (imports, helpers, the run's clock). Hidden the same way in every chapter (``hide-input``:
+    the source folds, what it prints, the chapter, profile and device, stays on the page)."""
+    first = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code" and _role(c) is None
+                  and _calls_start(c.source)), None)
+    if first is None:
+        return []
+    out = [first]
+    while out[-1] + 1 < len(nb.cells) and nb.cells[out[-1] + 1].cell_type == "code":
+        out.append(out[-1] + 1)
+    return out
+
+
 def comment_injected(source: str) -> str:
     if source.startswith(INJECTED_MARK):
         return source
@@ -210,6 +239,10 @@ def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str
         tags = _tags(cell)
         if SETUP_TAGS[role] not in tags:
             tags.append(SETUP_TAGS[role])
+    for i in setup_cells(nb):
+        tags = _tags(nb.cells[i])
+        if SETUP_TAGS["setup"] not in tags:
+            tags.append(SETUP_TAGS["setup"])
     # the title first, then the running note
     title = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("# ")), None)
     if title is not None:
