@@ -137,6 +137,19 @@ def test_tidy_drops_echoed_grades_only():
     assert nb.cells[0].outputs == [table]
 
 
+def test_tidy_merges_a_stream_written_in_a_row_and_nothing_across_a_table():
+    out = lambda name, text: nbformat.v4.new_output("stream", name=name, text=text)
+    table = nbformat.v4.new_output("display_data", {"text/plain": "   a\n0  1", "text/html": "<table/>"})
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("...", outputs=[
+        out("stdout", "one\n"), out("stderr", "  \n"), out("stdout", "two\n"), out("stdout", "three\n"), table,
+        out("stdout", "four\n"), out("stderr", "a warning\n"), out("stdout", "five\n")])]
+    notebooks.tidy_outputs(nb)
+    got = [(o.output_type, o.get("name"), o.get("text")) for o in nb.cells[0].outputs]
+    assert got == [("stream", "stdout", "one\ntwo\nthree\n"), ("display_data", None, None),
+                   ("stream", "stdout", "four\n"), ("stream", "stderr", "a warning\n"), ("stream", "stdout", "five\n")]
+
+
 def test_intro_states_each_chapters_time_per_profile_as_claims_yaml_does():
     intro = (ROOT / "book" / "intro.md").read_text()
     for ch in CHAPTERS:

@@ -16,6 +16,7 @@ notebook (and what ``python -m repro_utils.notebooks`` applies to the committed 
   T4) is hidden, so that ``auto`` runs the smoke profile on the CPU instead of failing;
 - the "Running this chapter" note near the top, generated from ``claims.yaml``'s minutes and the
   chapter's minimum GPU;
+- consecutive outputs of one stream merged into one box (not across a table or figure between them);
 - known debris removed from stream outputs (``KNOWN_DEBRIS``: warnings of dependencies, tqdm's
   ipywidgets notice, dataset-building logs, the GPU box's paths) and ``Grade(...)`` values that a cell
   echoed after ``run.record`` had already printed the grade.
@@ -92,7 +93,8 @@ def tidy_text(text: str, *, ledger: str | None = None) -> str:
 
 def tidy_outputs(nb, *, ledger: str | None = None) -> None:
     """Debris out of every code cell's outputs; a stream left empty goes, and so does a ``Grade(...)``
-    value (its grade line is printed by ``run.record`` in the same cell)."""
+    value (its grade line is printed by ``run.record`` in the same cell); outputs of one stream that follow
+    each other become one (nothing between them moves: a table between two prints keeps its place)."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -108,6 +110,10 @@ def tidy_outputs(nb, *, ledger: str | None = None) -> None:
                 plain = "".join(plain) if isinstance(plain, list) else plain
                 if set(data) == {"text/plain"} and plain.startswith("Grade(rung="):
                     continue
+            if (kept and out.get("output_type") == "stream" and kept[-1].get("output_type") == "stream"
+                    and kept[-1].get("name") == out.get("name")):
+                kept[-1]["text"] += out["text"]  # one box for what one stream wrote in a row (the book shows each
+                continue                         # output as its own box; a removed progress bar split them)
             kept.append(out)
         cell["outputs"] = kept
 
