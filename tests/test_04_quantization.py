@@ -817,3 +817,14 @@ def test_lean_gemv_sass_is_lean():
     regs, spill, per_weight, loads = out.split(maxsplit=3)
     assert int(spill) == 0 and int(regs) <= 128 and float(per_weight) < 2.6, out
     assert "'LDG.E.EF.128': 16" in loads and "'LDG.E.64'" in loads, out
+
+
+def test_int4_probe_dry_run_checks_its_configurations():
+    # the GPU probe's --dry-run (no GPU, no compilation): every configuration it would time is valid, divides K,
+    # survives the JSON round trip its child processes use, and every lean GEMV is in it
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_probe.py"), "--dry-run", "--ncu"],
+                         capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    assert out.count("M = 1 rows") == 3 and all(f"'{k}':" in out for k in ("v2", "v3", "v4", "gemv_h2")), out

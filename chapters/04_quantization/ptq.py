@@ -1316,7 +1316,7 @@ def int4_lean_candidates(M: int, N: int, K: int, kernel: str | None = None) -> l
         if (kernel is not None and c.kernel != kernel) or K % c.k_step():
             continue
         steps = K // c.k_step()
-        for per in ((1, 2, 4) if c.kernel == "v2" else (2, 4)):
+        for per in ((2, 4) if c.kernel == "v3" else (1, 2, 4)):
             if steps % per == 0 and -(-N // c.BLOCK_N) * (steps // per) >= NUM_SMS:
                 out.append(Int4LeanConfig(c.kernel, c.BLOCK_N, c.RW, c.TR, steps // per, c.num_warps, c.num_stages))
     return list(dict.fromkeys(out))
