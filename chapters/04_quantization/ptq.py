@@ -936,14 +936,15 @@ if triton is not None:
         """The first half of ``_word_dot_h2``: the 8 weights of each word as four fp16x2 numbers (q - z)/16, for
         the nibble pairs (0, 4), (1, 5), (2, 6), (3, 7). Apart from the products so that tokens can share them."""
         if ASM:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, v, c16, c256;\n"
+            return tl.inline_asm_elementwise(  # (outputs written last: no output may share an input's register)
+                "{ .reg .b32 t, v, c16, c256, d0, d1, d2, d3;\n"
                 " mov.b32 c16, 0x2C002C00; mov.b32 c256, 0x1C001C00;\n"
-                " lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 $0, t, c16, $5;\n"
-                " lop3.b32 t, $4, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 $1, t, c256, $6;\n"
+                " lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 d0, t, c16, $5;\n"
+                " lop3.b32 t, $4, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 d1, t, c256, $6;\n"
                 " shr.u32 v, $4, 8;\n"
-                " lop3.b32 t, v, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 $2, t, c16, $5;\n"
-                " lop3.b32 t, v, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 $3, t, c256, $6; }",
+                " lop3.b32 t, v, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 d2, t, c16, $5;\n"
+                " lop3.b32 t, v, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 d3, t, c256, $6;\n"
+                " mov.b32 $0, d0; mov.b32 $1, d1; mov.b32 $2, d2; mov.b32 $3, d3; }",
                 "=r,=r,=r,=r,r,r,r", [W, za, zb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
                 pack=1)
         else:  # the same steps on each half, in float64: 1024 + q (or 1024 + 16q) times 1/16 (1/256) plus za (zb)
@@ -964,8 +965,8 @@ if triton is not None:
         """The second half of ``_word_dot_h2``: acc + d0·x0 + d1·x1 + d2·x2 + d3·x3 in fp16x2, in this order."""
         if ASM:
             return tl.inline_asm_elementwise(
-                "{ fma.rn.f16x2 $0, $1, $5, $9; fma.rn.f16x2 $0, $2, $6, $0; fma.rn.f16x2 $0, $3, $7, $0;"
-                " fma.rn.f16x2 $0, $4, $8, $0; }",
+                "{ .reg .b32 a; fma.rn.f16x2 a, $1, $5, $9; fma.rn.f16x2 a, $2, $6, a; fma.rn.f16x2 a, $3, $7, a;"
+                " fma.rn.f16x2 $0, $4, $8, a; }",
                 "=r,r,r,r,r,r,r,r,r,r", [d0, d1, d2, d3, x0, x1, x2, x3, acc], dtype=tl.int32, is_pure=True, pack=1)
         else:  # per half: product and sum exact in float64, one rounding to fp16, as fma.rn does
             lo = _h2_f64(acc, 0)
