@@ -1,8 +1,8 @@
 """One device call for issue 18's INT4 GEMVs: are they correct, how fast, and what limits them.
 
     python3 scripts/ch04_int4_probe.py --dry-run             # no GPU: what a run would time and profile, and checks
-    python3 scripts/ch04_int4_probe.py --out $OUT            # timing part (~1.5-2 min on an H200)
-    python3 scripts/ch04_int4_probe.py --out $OUT --ncu      # then Nsight Compute on the fastest configs (~1 min more)
+    python3 scripts/ch04_int4_probe.py --out $OUT            # timing part (not yet run; ~1-2 min expected on an H200)
+    python3 scripts/ch04_int4_probe.py --out $OUT --ncu      # then ncu on the fastest config of each kernel (4 runs)
     python3 scripts/ch04_int4_probe.py --out $OUT --old-sweep --m16 --ncu   # the previous probe's full sweeps too
 
 Timing part, on each Llama-3-8B MLP shape (N, K) = (14336, 4096), (4096, 14336) and on (4096, 4096), at M = 1:
@@ -30,7 +30,7 @@ Nsight part (``--ncu``): the fastest configuration of each kernel (gemv_h2 and t
 ``ncu --clock-control none`` with the SpeedOfLight, Occupancy, LaunchStats, WarpStateStats and SchedulerStats
 sections. The raw CSV is written to ncu_<shape>_<kernel>.csv and the lines that decide the question (DRAM
 throughput, issue-slot use, achieved occupancy, registers, eligible warps) are printed. The question now: do the
-lean GEMVs' 63-96 registers (sm_90 SASS, ``scripts/ch04_int4_sass.py --lean``) buy the occupancy and the DRAM
+lean GEMVs' 56-94 registers at M = 1 (sm_90 SASS, ``scripts/ch04_int4_sass.py --lean``) buy the occupancy and the DRAM
 throughput that the fp16x2 GEMV's 221-255 did not.
 
 Nothing here writes to results/ or the notebook: it is development evidence for the next chapter change.

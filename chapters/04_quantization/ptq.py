@@ -902,9 +902,12 @@ def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gro
 #   each fp16 pair built once per row for all the thread's columns (2 shifts or ands, one cvt);
 # - each word dequantized once and shared by up to 4 tokens (BLOCK_M = M ≤ 4);
 # - N a compile-time constant, so that word rows N words apart are immediate offsets of one address.
-# _int4_gemv_v2_kernel keeps the next quad's words in registers while it multiplies the current one (as
-# the GEMVs above do); _int4_gemv_v3_kernel keeps none and lets Triton's software pipeliner stream whole
-# steps through shared memory (cp.async, num_stages deep): fewer registers, more bytes in flight.
+# Three ways to keep bytes in flight (Int4LeanConfig.kernel): "v2" loads the next quad's words into
+# registers before it multiplies the current one (as the GEMVs above mean to: their sm_90 SASS shows ptxas
+# sinking that prefetch to the last third of the loop body; here a barrier after the loads pins them);
+# "v4" (the same kernel, PREFETCH off) loads each quad just before it, behind the same barrier, and counts on
+# more resident warps; "v3" (_int4_gemv_v3_kernel) lets Triton's software pipeliner stream whole steps through
+# shared memory (cp.async, num_stages deep). Which is fastest is for the GPU to say (scripts/ch04_int4_probe.py).
 # In the interpreter (no PTX) the quads are computed by _quad_ref: the same loads and indexing, the
 # products in fp32 from x rounded to fp16 (the fp16 sums are not reproduced); the PTX steps' own emulation
 # (_deq_h2, _x4_pair_h2, _dot4_h2, bit for bit) is checked separately, one quad at a time.
