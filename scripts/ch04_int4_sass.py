@@ -15,10 +15,18 @@ per weight with group-128 scales and zeros). Whichever is lower bounds the kerne
 
     python3 scripts/ch04_int4_sass.py                      # the chapter's default configurations, Llama-3-8B MLP
     python3 scripts/ch04_int4_sass.py --all                # every candidate tune_int4 tries at M = 1
+    python3 scripts/ch04_int4_sass.py --lean               # the lean GEMVs (section 4b of ptq.py), every tile
+    python3 scripts/ch04_int4_sass.py --lean --m 1 3       # ... at 1 and 3 tokens
 
 The default report has three kernels per shape: the fp32 GEMV at its default configuration (M = 1), the fp16x2
 GEMV (``_int4_gemv_h2_kernel``) at the same tiles, and the tensor-core kernel at its M = 16 default; a table of
 the two GEMVs side by side follows.
+
+``--lean`` reports the lean GEMVs instead (``_int4_gemv_v2_kernel``, ``_int4_gemv_v3_kernel``): every tile of
+``ptq.int4_lean_tiles()`` compiled at SPLIT_K = 8 with 4 steps a program (the loop the split-K candidates run,
+whatever their SPLIT_K), with registers, spills, shared memory, the loads of the main loop by width, instructions
+per weight (and per weight and token), and the theoretical occupancy those give on an sm_90 SM (65536 registers,
+allocated 256 a warp; 228 KB of shared memory, 1 KB of it reserved per block; at most 64 warps and 32 blocks).
 """
 
 from __future__ import annotations
@@ -91,13 +99,76 @@ def report(cfg: ptq.Int4Config, N: int, K: int, args, kernel: str) -> dict:
             "ops": ops.most_common(10), "op_counts": ops, "loads": dict(loads)}
 
 
+LEAN_TYPES = {"X": "*bf16", "Wp": "*i32", "S": "*bf16", "Z": "*u8", "Y": "*bf16", "WS": "*fp32", "CNT": "*i32",
+              "stride_xm": "i32"}
+
+
+def compile_lean(cfg: ptq.Int4LeanConfig, N: int, M: int = 1, k_iters: int = 4):
+    """A lean GEMV (``ptq.int4_gemv_lean``'s kernel for cfg) compiled for sm_90 at N outputs, M tokens and
+    k_iters steps a program (SPLIT_K as in cfg; K does not enter the code otherwise)."""
+    jit = ptq._int4_gemv_v3_kernel if cfg.kernel == "v3" else ptq._int4_gemv_v2_kernel
+    constants = {"N": N, "G": 128, "BLOCK_M": M, "BLOCK_N": cfg.BLOCK_N, "RW": cfg.RW, "TR": cfg.TR,
+                 "SPLIT_K": cfg.SPLIT_K, "K_ITERS": k_iters, "ASM": True}
+    if cfg.kernel == "v3":
+        constants["STAGES"] = cfg.num_stages
+    else:
+        constants["PREFETCH"] = cfg.kernel == "v2"
+    return compile_sm90(jit, LEAN_TYPES, constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        aligned=("stride_xm",))
+
+
+def occupancy(regs: int, smem: int, warps: int) -> int:
+    """Warps an sm_90 SM can hold of a kernel using ``regs`` registers a thread and ``smem`` bytes a block."""
+    per_warp = -(-regs * 32 // 256) * 256
+    blocks = min((65536 // per_warp) // warps, 64 // warps, 32,
+                 (228 * 1024) // (smem + 1024) if smem else 32)
+    return blocks * warps
+
+
+def report_lean(cfg: ptq.Int4LeanConfig, N: int, M: int) -> dict:
+    compiled = compile_lean(cfg, N, M)
+    regs, spill = registers_and_spills(compiled)
+    smem = compiled.metadata.shared
+    loop = main_loop(cuobjdump(compiled, "-sass"))
+    ops = Counter(opcode(ln).split(".")[0] for ln in loop)
+    loads = Counter(m.group(0) for m in re.finditer(r"\b(?:LDGSTS|LDG|LDS)\b(?:\.[A-Z0-9_]+)*", "\n".join(loop)))
+    per_thread = cfg.k_step() * cfg.BLOCK_N / (32 * cfg.num_warps)  # weights a thread handles per step
+    return {"cfg": cfg, "M": M, "regs": regs, "spill": spill, "smem": smem, "loop": len(loop),
+            "per_weight": len(loop) / per_thread, "warps_per_sm": occupancy(regs, smem, cfg.num_warps),
+            "ops": ops, "loads": dict(loads)}
+
+
+def lean_main(args) -> int:
+    """The lean GEMVs' table: one row per (tile, tokens), on the up/gate shape (N only sets the row stride)."""
+    N = 14336
+    print(f"triton {triton.__version__}, sm_90; lean GEMVs at N = {N}, SPLIT_K = 8, 4 steps a program")
+    print(f"{'kernel':6} {'BLOCK_N':>7} {'warps':>5} {'RW':>3} {'TR':>3} {'stages':>6} {'M':>2} {'regs':>4} "
+          f"{'spill':>5} {'smem':>6} {'warps/SM':>8} {'instr/w':>7} {'instr/(w·M)':>11}  loads in the main loop")
+    for M in args.m:
+        for tile in ptq.int4_lean_tiles(M):
+            cfg = ptq.Int4LeanConfig(tile.kernel, tile.BLOCK_N, tile.RW, tile.TR, 8, tile.num_warps, tile.num_stages)
+            r = report_lean(cfg, N, M)
+            loads = ", ".join(f"{v} {k}" for k, v in sorted(r["loads"].items()))
+            print(f"{cfg.kernel:6} {cfg.BLOCK_N:7} {cfg.num_warps:5} {cfg.RW:3} {cfg.TR:3} {cfg.num_stages:6} {M:2} "
+                  f"{r['regs']:4} {r['spill']:5} {r['smem']:6} {r['warps_per_sm']:8} {r['per_weight']:7.2f} "
+                  f"{r['per_weight'] / M:11.2f}  {loads}")
+            if args.ops:
+                print("      ", r["ops"].most_common(12))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--all", action="store_true", help="every M = 1 candidate of int4_candidates, not the default")
     ap.add_argument("--sms", type=int, default=132, help="SMs (H100 SXM and H200: 132)")
     ap.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock under load (H200 SXM boost: 1.98)")
     ap.add_argument("--bf16-tbps", type=float, default=4.3, help="bytes/s a bf16 GEMV reads at, in TB/s (the H200 copied at ~4.3)")
+    ap.add_argument("--lean", action="store_true", help="the lean GEMVs (int4_lean_tiles) instead")
+    ap.add_argument("--m", type=int, nargs="+", default=[1], help="--lean: token counts (1 to 4)")
+    ap.add_argument("--ops", action="store_true", help="--lean: also the main loop's most frequent opcodes")
     args = ap.parse_args(argv)
+    if args.lean:
+        return lean_main(args)
     shapes = {"up/gate 14336 x 4096": (14336, 4096), "down 4096 x 14336": (4096, 14336)}
     print(f"triton {triton.__version__}, sm_90; ceilings as multiples of a bf16 GEMV at {args.bf16_tbps} TB/s; "
           f"issue ceiling from {args.sms} SMs x 4 schedulers x {args.clock_ghz} GHz")

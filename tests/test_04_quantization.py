@@ -695,3 +695,136 @@ def test_gemv_h2_sass_has_packed_fp16_and_fewer_instructions_per_weight():
         assert new["instr/w"] < old["instr/w"] - 1.0, out
         assert 0.4 <= new["LOP3"] <= 0.7 and new["HFMA2"] >= 0.95 and new["FFMA"] < 0.2, out
         assert new["issue"] > old["issue"]
+
+
+# The lean GEMVs (section 4b of ptq.py: _int4_gemv_v2_kernel, _int4_gemv_v3_kernel, 1 to 4 tokens). In the
+# interpreter their quads go through _quad_ref (fp32 products of x rounded to fp16), so these tests check what
+# both paths share: which words, inputs, scales and zero points meet, masks, split-K and the workspace. The
+# PTX steps' emulation is checked bit for bit on one quad below; the PTX itself only compiles here (SASS test).
+
+def lean_weight(N, K, G, seed):
+    """An Int4Weight whose groups have scales 1x to 4x apart, so that a scale or zero point taken from the wrong
+    group (or column) moves the result far more than the tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g) * 0.02
+    W = W * torch.linspace(1, 4, K // G).repeat_interleave(G)[None, :] + 0.01 * torch.rand(N, 1, generator=g)
+    return ptq.Int4Weight.from_qweight(ptq.rtn(W, 4, G)), g
+
+
+def test_lean_config_rejects_impossible_tiles():
+    with pytest.raises(ValueError, match="unknown lean GEMV"):
+        ptq.Int4LeanConfig("v9", 128, 4, 4)
+    with pytest.raises(ValueError, match="TR"):
+        ptq.Int4LeanConfig("v2", 128, 4, 2)
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        ptq.Int4LeanConfig("v2", 192, 4, 4)
+    with pytest.raises(ValueError, match="warp rows"):
+        ptq.Int4LeanConfig("v2", 128, 4, 4, num_warps=8)  # 2 warp columns, 1 chunk of 128 columns
+    for M in (1, 4):
+        for N, K in ((14336, 4096), (4096, 14336), (4096, 4096)):
+            cands = ptq.int4_lean_candidates(M, N, K)
+            assert {c.kernel for c in cands} == {"v2", "v3", "v4"}
+            assert all(K % (c.SPLIT_K * c.k_step()) == 0 for c in cands)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,G,config", [
+    (1, 200, 384, 128, ptq.Int4LeanConfig("v2", 128, 2, 4, num_warps=2)),  # masked columns, 6 steps of half a group
+    (3, 72, 256, 128, ptq.Int4LeanConfig("v2", 256, 1, 16, SPLIT_K=2, num_warps=2)),  # steps, 4 quads a step
+    (2, 136, 512, 256, ptq.Int4LeanConfig("v3", 128, 4, 4, SPLIT_K=2, num_stages=3)),  # groups of 256
+    (4, 64, 256, 128, ptq.Int4LeanConfig("v3", 128, 2, 8, SPLIT_K=1, num_warps=2)),  # no split, N < BLOCK_N
+    (1, 96, 1024, 128, ptq.Int4LeanConfig("v4", 128, 2, 16, SPLIT_K=2, num_warps=2)),  # no prefetch, 4 quads a step
+])
+def test_lean_gemv_matches_dequantized_matmul(M, N, K, G, config):
+    w4, g = lean_weight(N, K, G, seed=M + N)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    ref = x.half().double() @ w4.dequantize().double().t()  # the kernels round x to fp16
+    for _ in range(2):  # the second call finds the split-K workspace and counters as the first left them
+        y = ptq.int4_gemv_lean(x, w4, config)
+        assert y.shape == (M, N) and y.dtype == torch.bfloat16
+        # fp32 sums of the same products, then the interpreter's bf16 output (rounded toward zero): below one bf16
+        # ulp of each output, plus a little for the fp32 sums of outputs near zero
+        assert ((y.double() - ref).abs() <= 2.0**-7 * ref.abs() + 1e-5 * ref.abs().max()).all()
+    if config.SPLIT_K > 1:
+        ws, cnt = ptq._WORKSPACE[x.device]
+        assert not ws.any() and not cnt.any()
+    with pytest.raises(ValueError, match="1 to 4 tokens"):
+        ptq.int4_gemv_lean(torch.zeros(5, K, dtype=torch.bfloat16), w4, config)
+
+
+if ptq.triton is not None:
+    tl = ptq.tl
+
+    @ptq.triton.jit
+    def _one_quad_kernel(X, Wp, Z, OUT, N: tl.constexpr, RW: tl.constexpr):
+        """One quad (4 word rows a warp row) of the lean GEMVs' PTX path, in its interpreter emulation: the words
+        of rows 4w … 4w + 3 at N columns, the fp16x2 partial sums of 2 tokens written out as int32 bits."""
+        cols = tl.arange(0, 1)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+        row = tl.arange(0, RW) * 4
+        w0, w1, w2, w3 = ptq._quad_load(Wp + row[:, None, None] * N + cols, N, cols < N, False)
+        za, zb = ptq._zeros_h2(tl.load(Z + cols + 0 * row[:, None, None]).to(tl.int32))
+        xp = X.to(tl.pointer_type(tl.int64)) + (row // 16 * 128 + row % 16) // 4
+        p = ptq._parts_zero(RW, 1, False)
+        xs = ptq._quad_x(xp, 128 // 4, 2, False)
+        p0, p1, _, _ = ptq._quad_dot(w0, w1, w2, w3, xs, xp, 128 // 4, za, zb, p, p, p, p, 2, False, False)
+        tl.store(OUT + tl.arange(0, RW)[:, None, None] * 128 + cols, p0)
+        tl.store(OUT + RW * 128 + tl.arange(0, RW)[:, None, None] * 128 + cols, p1)
+
+
+@needs_triton
+def test_lean_ptx_steps_round_like_fp16():
+    # the offsets from the zero points' bits are the fp16 numbers -(64 + z/16) and -(4 + z/16)
+    z = torch.arange(16, dtype=torch.int32)
+    za, zb = (z * 0x10001) | -738143232, ((z * 0x10001) << 4) | -1006582784
+    for bits, want in ((za, -(64 + z / 16)), (zb, -(4 + z / 16))):
+        assert torch.equal((bits & 0xFFFF).to(torch.int16).view(torch.float16).double(), want.double())
+        assert torch.equal(((bits >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).double(), want.double())
+    # one quad, two tokens, through the emulated PTX steps: every fma rounds to fp16 once, in the order
+    # row t = 0..3, nibble pair (j, j + 4) for j = 0..3, low half nibble j and high half nibble j + 4
+    N, RW = 128, 4
+    g = torch.Generator().manual_seed(12)
+    q = torch.randint(0, 16, (N, 128), generator=g, dtype=torch.uint8)
+    zero = torch.randint(0, 16, (N,), generator=g, dtype=torch.uint8)
+    x = ((torch.rand(2, 128, generator=g) * 2 - 1) * 300).to(torch.bfloat16)
+    out = torch.zeros(2, RW, N, dtype=torch.int32)
+    _one_quad_kernel[(1,)](x, ptq.pack_int4(q), zero, out, N=N, RW=RW)
+    f16 = lambda t: t.to(torch.float16).double()  # noqa: E731
+    for m in range(2):
+        for w in range(RW):
+            for hi in (0, 1):
+                acc = torch.zeros(N, dtype=torch.float64)
+                for r in range(4 * w, 4 * w + 4):
+                    for j in range(4):
+                        k = 16 * (j + 4 * hi) + r
+                        acc = f16(acc + ((q[:, k].double() - zero.double()) / 16) * f16(x[m, k].double()))
+                got = ((out[m, w] >> (16 * hi)) & 0xFFFF).to(torch.int16).view(torch.float16).double()
+                assert torch.equal(got, acc), (m, w, hi)
+
+
+@needs_triton
+def test_lean_gemv_sass_is_lean():
+    # compile the main v2 tile for sm_90 (one kernel, its own process: this one imported ptq for the interpreter):
+    # no spills, at most 128 registers (16 warps an SM and more), 128-bit weight loads and 64-bit input loads in
+    # its main loop, and fewer instructions per weight than the fp16x2 GEMV's 2.89
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; sys.argv = ['x']; sys.path.insert(0, 'scripts'); import ch04_int4_sass as s; "
+            "r = s.report_lean(s.ptq.Int4LeanConfig('v2', 256, 4, 8, SPLIT_K=8), 14336, 1); "
+            "print(r['regs'], r['spill'], round(r['per_weight'], 3), r['loads'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300, check=True).stdout
+    regs, spill, per_weight, loads = out.split(maxsplit=3)
+    assert int(spill) == 0 and int(regs) <= 128 and float(per_weight) < 2.6, out
+    assert "'LDG.E.EF.128': 16" in loads and "'LDG.E.64'" in loads, out
+
+
+def test_int4_probe_dry_run_checks_its_configurations():
+    # the GPU probe's --dry-run (no GPU, no compilation): every configuration it would time is valid, divides K,
+    # survives the JSON round trip its child processes use, and every lean GEMV is in it
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_probe.py"), "--dry-run", "--ncu"],
+                         capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    assert out.count("M = 1 rows") == 3 and all(f"'{k}':" in out for k in ("v2", "v3", "v4", "gemv_h2")), out

@@ -886,6 +886,472 @@ def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gro
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# 4b. Register-lean INT4 GEMVs for 1 to 4 tokens (issue 18, after the H200 probe of 15a2b94)
+# ----------------------------------------------------------------------------------------------------
+# The probe found the two GEMVs above latency-bound: 128 and 221-255 registers a thread (25% and 12.5%
+# theoretical occupancy), DRAM 37-40% busy, no eligible warp on 47-60% of the cycles. Each of their threads
+# holds all KW word rows of its columns, twice (the tile and its prefetch), and every input its rows need.
+# The kernels below read the same Int4Weight and spread a step over the warps instead: warp row w (RW of
+# them) takes TR consecutive word rows, in quads of 4, each thread 4·CH columns of them (128-bit loads);
+# the warp rows' partial sums meet once, at the end of the program (one reduction through shared memory).
+# The arithmetic is the fp16x2 GEMV's (lop3 / fma pairs giving the exact (q - z)/16 in fp16, products
+# summed in fp16, here over the 4·TR products of one group and token, then fp32 times 16·scale), with
+# - x read as int64, four bf16 inputs a load (a quad's 4 rows are 4 consecutive inputs of each nibble),
+#   each fp16 pair built once per row for all the thread's columns (2 shifts or ands, one cvt);
+# - each word dequantized once and shared by up to 4 tokens (BLOCK_M = M ≤ 4);
+# - N a compile-time constant, so that word rows N words apart are immediate offsets of one address.
+# Three ways to keep bytes in flight (Int4LeanConfig.kernel): "v2" loads the next quad's words into
+# registers before it multiplies the current one (as the GEMVs above mean to: their sm_90 SASS shows ptxas
+# sinking that prefetch to the last third of the loop body; here a barrier after the loads pins them);
+# "v4" (the same kernel, PREFETCH off) loads each quad just before it, behind the same barrier, and counts on
+# more resident warps; "v3" (_int4_gemv_v3_kernel) lets Triton's software pipeliner stream whole steps through
+# shared memory (cp.async, num_stages deep). Which is fastest is for the GPU to say (scripts/ch04_int4_probe.py).
+# In the interpreter (no PTX) the quads are computed by _quad_ref: the same loads and indexing, the
+# products in fp32 from x rounded to fp16 (the fp16 sums are not reproduced); the PTX steps' own emulation
+# (_deq_h2, _x4_pair_h2, _dot4_h2, bit for bit) is checked separately, one quad at a time.
+
+if triton is not None:
+
+    @triton.jit
+    def _h2_pack_f64(lo, hi):
+        """Two float64 tiles rounded to fp16 (to nearest, once) and packed as fp16x2 bits (lo in bits 0-15)."""
+        lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo16 | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _h2_f64(v, hi: tl.constexpr):
+        """Half ``hi`` of the fp16x2 bits v as float64."""
+        h = (v >> 16) & 0xFFFF if hi else v & 0xFFFF
+        return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+
+    @triton.jit
+    def _zeros_h2(z):
+        """The fp16x2 offsets of the dequantization, za = -(64 + z/16) and zb = -(4 + z/16) in both halves, from
+        the zero points z (int32, 0..15) by integer operations: the fp16 number 0xD400 | z is -(64 + z/16) and
+        0xC400 | 16·z is -(4 + z/16) (below as signed int32: 0xD400D400 - 2^32 and 0xC400C400 - 2^32)."""
+        zz = z * 0x10001
+        return zz | -738143232, (zz << 4) | -1006582784
+
+    @triton.jit
+    def _deq_h2(W, za, zb, ASM: tl.constexpr):
+        """The first half of ``_word_dot_h2``: the 8 weights of each word as four fp16x2 numbers (q - z)/16, for
+        the nibble pairs (0, 4), (1, 5), (2, 6), (3, 7). Apart from the products so that tokens can share them."""
+        if ASM:
+            return tl.inline_asm_elementwise(  # (outputs written last: no output may share an input's register)
+                "{ .reg .b32 t, v, c16, c256, d0, d1, d2, d3;\n"
+                " mov.b32 c16, 0x2C002C00; mov.b32 c256, 0x1C001C00;\n"
+                " lop3.b32 t, $4, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 d0, t, c16, $5;\n"
+                " lop3.b32 t, $4, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 d1, t, c256, $6;\n"
+                " shr.u32 v, $4, 8;\n"
+                " lop3.b32 t, v, 0x000F000F, 0x64006400, 0xEA; fma.rn.f16x2 d2, t, c16, $5;\n"
+                " lop3.b32 t, v, 0x00F000F0, 0x64006400, 0xEA; fma.rn.f16x2 d3, t, c256, $6;\n"
+                " mov.b32 $0, d0; mov.b32 $1, d1; mov.b32 $2, d2; mov.b32 $3, d3; }",
+                "=r,=r,=r,=r,r,r,r", [W, za, zb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+                pack=1)
+        else:  # the same steps on each half, in float64: 1024 + q (or 1024 + 16q) times 1/16 (1/256) plus za (zb)
+            V = (W >> 8) & 0x00FFFFFF  # shr.u32
+            t0 = (W & 0x000F000F) | 0x64006400
+            t1 = (W & 0x00F000F0) | 0x64006400
+            t2 = (V & 0x000F000F) | 0x64006400
+            t3 = (V & 0x00F000F0) | 0x64006400
+            return (_h2_pack_f64(_h2_f64(t0, 0) * 0.0625 + _h2_f64(za, 0), _h2_f64(t0, 1) * 0.0625 + _h2_f64(za, 1)),
+                    _h2_pack_f64(_h2_f64(t1, 0) * 0.00390625 + _h2_f64(zb, 0),
+                                 _h2_f64(t1, 1) * 0.00390625 + _h2_f64(zb, 1)),
+                    _h2_pack_f64(_h2_f64(t2, 0) * 0.0625 + _h2_f64(za, 0), _h2_f64(t2, 1) * 0.0625 + _h2_f64(za, 1)),
+                    _h2_pack_f64(_h2_f64(t3, 0) * 0.00390625 + _h2_f64(zb, 0),
+                                 _h2_f64(t3, 1) * 0.00390625 + _h2_f64(zb, 1)))
+
+    @triton.jit
+    def _dot4_h2(d0, d1, d2, d3, x0, x1, x2, x3, acc, ASM: tl.constexpr):
+        """The second half of ``_word_dot_h2``: acc + d0·x0 + d1·x1 + d2·x2 + d3·x3 in fp16x2, in this order."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a; fma.rn.f16x2 a, $1, $5, $9; fma.rn.f16x2 a, $2, $6, a; fma.rn.f16x2 a, $3, $7, a;"
+                " fma.rn.f16x2 $0, $4, $8, a; }",
+                "=r,r,r,r,r,r,r,r,r,r", [d0, d1, d2, d3, x0, x1, x2, x3, acc], dtype=tl.int32, is_pure=True, pack=1)
+        else:  # per half: product and sum exact in float64, one rounding to fp16, as fma.rn does
+            lo = _h2_f64(acc, 0)
+            hi = _h2_f64(acc, 1)
+            for i in tl.static_range(4):
+                if i == 0:
+                    d, x = d0, x0
+                elif i == 1:
+                    d, x = d1, x1
+                elif i == 2:
+                    d, x = d2, x2
+                else:
+                    d, x = d3, x3
+                lo = (lo + _h2_f64(d, 0) * _h2_f64(x, 0)).to(tl.float16).to(tl.float64)
+                hi = (hi + _h2_f64(d, 1) * _h2_f64(x, 1)).to(tl.float16).to(tl.float64)
+            return _h2_pack_f64(lo, hi)
+
+    @triton.jit
+    def _x4_pair_h2(a, b, t: tl.constexpr, ASM: tl.constexpr):
+        """fp16x2 (input t of a low, input t of b high), rounded to nearest, from two int64 of four consecutive
+        bf16 inputs each: the bf16 bits shifted (even t) or masked (odd t) into an fp32, then one cvt."""
+        if ASM:
+            if t < 2:
+                sel: tl.constexpr = "mov.b64 {a, ah}, $1; mov.b64 {b, bh}, $2;"
+            else:
+                sel: tl.constexpr = "mov.b64 {al, a}, $1; mov.b64 {bl, b}, $2;"
+            if t % 2 == 0:
+                op: tl.constexpr = " shl.b32 a, a, 16; shl.b32 b, b, 16;"
+            else:
+                op: tl.constexpr = " and.b32 a, a, 0xFFFF0000; and.b32 b, b, 0xFFFF0000;"
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b, al, ah, bl, bh; " + sel + op + " cvt.rn.f16x2.f32 $0, b, a; }",
+                "=r,l,l", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            xa = ((a >> (16 * t)) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            xb = ((b >> (16 * t)) & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            return _h2_pack_f64(xa.to(tl.float64), xb.to(tl.float64))
+
+    @triton.jit
+    def _quad_load(p, N: tl.constexpr, mask, MASKED: tl.constexpr):
+        """Word rows p, p + N, p + 2N, p + 3N: four tiles of 128-bit loads (masked only where MASKED)."""
+        if MASKED:
+            return (tl.load(p, mask=mask, eviction_policy="evict_first"),
+                    tl.load(p + N, mask=mask, eviction_policy="evict_first"),
+                    tl.load(p + 2 * N, mask=mask, eviction_policy="evict_first"),
+                    tl.load(p + 3 * N, mask=mask, eviction_policy="evict_first"))
+        else:
+            return (tl.load(p, eviction_policy="evict_first"), tl.load(p + N, eviction_policy="evict_first"),
+                    tl.load(p + 2 * N, eviction_policy="evict_first"),
+                    tl.load(p + 3 * N, eviction_policy="evict_first"))
+
+    @triton.jit
+    def _x_quad(xp):
+        """x for a quad of word rows: 8 int64 (nibble j's 4 inputs at xp + 4j), broadcast over the columns."""
+        return (tl.load(xp)[:, None, None], tl.load(xp + 4)[:, None, None], tl.load(xp + 8)[:, None, None],
+                tl.load(xp + 12)[:, None, None], tl.load(xp + 16)[:, None, None], tl.load(xp + 20)[:, None, None],
+                tl.load(xp + 24)[:, None, None], tl.load(xp + 28)[:, None, None])
+
+    @triton.jit
+    def _row_dot(d0, d1, d2, d3, xq, t: tl.constexpr, p, ASM: tl.constexpr):
+        """p + the products of row t of a quad (dequantized: d0..d3) with its inputs (xq: ``_x_quad``'s 8 int64)."""
+        v0, v1, v2, v3, v4, v5, v6, v7 = xq
+        return _dot4_h2(d0, d1, d2, d3, _x4_pair_h2(v0, v4, t, ASM), _x4_pair_h2(v1, v5, t, ASM),
+                        _x4_pair_h2(v2, v6, t, ASM), _x4_pair_h2(v3, v7, t, ASM), p, ASM)
+
+    @triton.jit
+    def _quad_ref(w0, w1, w2, w3, xp, sxm, za, p, m: tl.constexpr):
+        """p + Σ (q - z)/16 · x over a quad for token m, in fp32 from x rounded to fp16: the interpreter's path
+        (all 4 rows and 8 nibbles in one tensor, [RW, CH, 128, 2, 2, 8])."""
+        z = (za & 0xF).to(tl.float32)[:, :, :, None, None, None]  # za's low bits are z
+        Wq = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [..., a, b] = row a + 2b (join stacks on a new last axis)
+        j = tl.arange(0, 8)[None, None, None, None, None, :]
+        q = ((Wq[:, :, :, :, :, None] >> (4 * j)) & 0xF).to(tl.float32)
+        t = (tl.arange(0, 2)[:, None, None] + 2 * tl.arange(0, 2)[None, :, None])[None, None, None]
+        xb = (xp + m * sxm).to(tl.pointer_type(tl.bfloat16))[:, None, None, None, None, None]
+        x = tl.load(xb + 16 * j + t).to(tl.float32).to(tl.float16).to(tl.float32)
+        prod = (q - z) * x
+        return p + tl.sum(tl.sum(tl.sum(prod, axis=5), axis=4), axis=3) * 0.0625
+
+    @triton.jit
+    def _quad_x(xp, sxm, BLOCK_M: tl.constexpr, REF: tl.constexpr):
+        """The inputs of a quad for BLOCK_M ≤ 4 tokens (``_x_quad`` each, token rows sxm int64 apart); the
+        reference path loads its own (placeholders here)."""
+        if REF:
+            return xp, xp, xp, xp
+        else:
+            x0 = _x_quad(xp)
+            x1 = x0
+            x2 = x0
+            x3 = x0
+            if BLOCK_M > 1:
+                x1 = _x_quad(xp + sxm)
+            if BLOCK_M > 2:
+                x2 = _x_quad(xp + 2 * sxm)
+            if BLOCK_M > 3:
+                x3 = _x_quad(xp + 3 * sxm)
+            return x0, x1, x2, x3
+
+    @triton.jit
+    def _quad_dot(w0, w1, w2, w3, xs, xp, sxm, za, zb, p0, p1, p2, p3, BLOCK_M: tl.constexpr, ASM: tl.constexpr,
+                  REF: tl.constexpr):
+        """One quad (4 word rows a thread, words w0..w3) for BLOCK_M ≤ 4 tokens: each word dequantized once and
+        multiplied by the inputs xs (``_quad_x``) of every token m into its partial sum p_m (fp16x2; fp32 where
+        REF, the interpreter's reference path, which reads x at xp itself)."""
+        if REF:
+            p0 = _quad_ref(w0, w1, w2, w3, xp, sxm, za, p0, 0)
+            if BLOCK_M > 1:
+                p1 = _quad_ref(w0, w1, w2, w3, xp, sxm, za, p1, 1)
+            if BLOCK_M > 2:
+                p2 = _quad_ref(w0, w1, w2, w3, xp, sxm, za, p2, 2)
+            if BLOCK_M > 3:
+                p3 = _quad_ref(w0, w1, w2, w3, xp, sxm, za, p3, 3)
+        else:
+            x0, x1, x2, x3 = xs
+            for t in tl.static_range(4):
+                if t == 0:
+                    d0, d1, d2, d3 = _deq_h2(w0, za, zb, ASM)
+                elif t == 1:
+                    d0, d1, d2, d3 = _deq_h2(w1, za, zb, ASM)
+                elif t == 2:
+                    d0, d1, d2, d3 = _deq_h2(w2, za, zb, ASM)
+                else:
+                    d0, d1, d2, d3 = _deq_h2(w3, za, zb, ASM)
+                p0 = _row_dot(d0, d1, d2, d3, x0, t, p0, ASM)
+                if BLOCK_M > 1:
+                    p1 = _row_dot(d0, d1, d2, d3, x1, t, p1, ASM)
+                if BLOCK_M > 2:
+                    p2 = _row_dot(d0, d1, d2, d3, x2, t, p2, ASM)
+                if BLOCK_M > 3:
+                    p3 = _row_dot(d0, d1, d2, d3, x3, t, p3, ASM)
+        return p0, p1, p2, p3
+
+    @triton.jit
+    def _group_h2(S, Z, row, cols, n_ok, N: tl.constexpr, G: tl.constexpr):
+        """16 × the scale and the fp16x2 offsets (za, zb) of the group of each warp row's word rows, [RW, CH, 128]."""
+        gp = (row // (G // 8))[:, None, None] * N + cols
+        s16 = 16.0 * tl.load(S + gp, mask=n_ok, other=0.0).to(tl.float32)
+        za, zb = _zeros_h2(tl.load(Z + gp, mask=n_ok, other=0).to(tl.int32))
+        return s16, za, zb
+
+    @triton.jit
+    def _parts_zero(RW: tl.constexpr, CH: tl.constexpr, REF: tl.constexpr):
+        """A group's partial sums start at 0: fp16x2 (+0, +0), or fp32 in the interpreter's reference path."""
+        if REF:
+            return tl.zeros((RW, CH, 128), dtype=tl.float32)
+        else:
+            return tl.zeros((RW, CH, 128), dtype=tl.int32)
+
+    @triton.jit
+    def _parts_f32(p, REF: tl.constexpr, ASM: tl.constexpr):
+        """A group's partial sums in fp32 (the two fp16 halves added)."""
+        if REF:
+            return p
+        else:
+            return _h2_sum_f32(p, ASM)
+
+    @triton.jit
+    def _store_rows(Y, WS, CNT, a0, a1, a2, a3, offs, ok, N: tl.constexpr, tile, BLOCK_M: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+        """``_store_tile`` for BLOCK_M ≤ 4 output rows held as separate tiles a_m (row m at offs + m·N): the same
+        workspace, the same counter (one arrival per program), the same clean-up by the last program."""
+        if SPLIT_K == 1:
+            tl.store(Y + offs, a0.to(Y.dtype.element_ty), mask=ok)
+            if BLOCK_M > 1:
+                tl.store(Y + N + offs, a1.to(Y.dtype.element_ty), mask=ok)
+            if BLOCK_M > 2:
+                tl.store(Y + 2 * N + offs, a2.to(Y.dtype.element_ty), mask=ok)
+            if BLOCK_M > 3:
+                tl.store(Y + 3 * N + offs, a3.to(Y.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(WS + offs, a0, mask=ok, sem="acq_rel")
+            if BLOCK_M > 1:
+                tl.atomic_add(WS + N + offs, a1, mask=ok, sem="acq_rel")
+            if BLOCK_M > 2:
+                tl.atomic_add(WS + 2 * N + offs, a2, mask=ok, sem="acq_rel")
+            if BLOCK_M > 3:
+                tl.atomic_add(WS + 3 * N + offs, a3, mask=ok, sem="acq_rel")
+            tl.debug_barrier()  # every thread's adds are done before the counter is incremented
+            arrived = tl.atomic_add(CNT + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # all partial sums are in
+                for m in tl.static_range(BLOCK_M):
+                    total = tl.atomic_add(WS + m * N + offs, tl.zeros_like(a0), mask=ok, sem="acq_rel")
+                    tl.store(WS + m * N + offs, tl.zeros_like(a0), mask=ok)
+                    tl.store(Y + m * N + offs, total.to(Y.dtype.element_ty), mask=ok)
+                tl.store(CNT + tile, 0)
+
+    @triton.jit
+    def _int4_gemv_v2_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
+                             SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
+        """y[m, n] = Σ_k x[m, k] · w[n, k] for BLOCK_M ≤ 4 tokens, the weight read once (see the section's note).
+
+        Grid (N / BLOCK_N, SPLIT_K); K_ITERS steps of RW·TR word rows each. Warp row w takes word rows
+        w·TR … w·TR + TR - 1 of a step (one group), in quads of 4, each thread 4·CH columns (CH = BLOCK_N / 128).
+        PREFETCH (kernel "v2"): the next quad's words are loaded into registers before the current quad is
+        multiplied. Without (kernel "v4"): a quad's words are loaded just before it is multiplied, and other warps
+        hide the wait (fewer registers, more warps). Either way a barrier follows the loads: ptxas otherwise sinks
+        each load to just before its first use (seen in the sm_90 SASS), which leaves nothing in flight."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        CH: tl.constexpr = BLOCK_N // 128
+        STEP: tl.constexpr = RW * TR
+        MASKED: tl.constexpr = N % BLOCK_N != 0
+        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+        n_ok = cols < N
+        row = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR  # each warp row's first word row of the step
+        wp = Wp + row[:, None, None] * N + cols
+        sxm = stride_xm // 4
+        a0 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a1 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a2 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a3 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        if PREFETCH:
+            w0, w1, w2, w3 = _quad_load(wp, N, n_ok, MASKED)
+        for it in range(K_ITERS):
+            s16, za, zb = _group_h2(S, Z, row, cols, n_ok, N, G)
+            xp = X.to(tl.pointer_type(tl.int64)) + (row // 16 * 128 + row % 16) // 4  # nibble 0 of the row
+            p0 = _parts_zero(RW, CH, not ASM)
+            p1 = p0
+            p2 = p0
+            p3 = p0
+            for q in tl.static_range(TR // 4):
+                if not PREFETCH:
+                    w0, w1, w2, w3 = _quad_load(wp + 4 * q * N, N, n_ok, MASKED)
+                elif q + 1 < TR // 4:  # the next quad of this step, else the first quad of the next step
+                    n0, n1, n2, n3 = _quad_load(wp + 4 * (q + 1) * N, N, n_ok, MASKED)
+                else:
+                    n0, n1, n2, n3 = _quad_load(wp + STEP * N, N, n_ok & (it + 1 < K_ITERS), True)
+                xs = _quad_x(xp + q, sxm, BLOCK_M, not ASM)
+                tl.debug_barrier()  # the loads above are issued here, not where their results are first needed
+                p0, p1, p2, p3 = _quad_dot(w0, w1, w2, w3, xs, xp + q, sxm, za, zb, p0, p1, p2, p3, BLOCK_M, ASM,
+                                           not ASM)
+                if PREFETCH:
+                    w0, w1, w2, w3 = n0, n1, n2, n3
+            a0 += s16 * _parts_f32(p0, not ASM, ASM)
+            if BLOCK_M > 1:
+                a1 += s16 * _parts_f32(p1, not ASM, ASM)
+            if BLOCK_M > 2:
+                a2 += s16 * _parts_f32(p2, not ASM, ASM)
+            if BLOCK_M > 3:
+                a3 += s16 * _parts_f32(p3, not ASM, ASM)
+            wp += STEP * N
+            row += STEP
+        out = pid_n * BLOCK_N + tl.arange(0, CH)[:, None] * 128 + tl.arange(0, 128)[None, :]
+        _store_rows(Y, WS, CNT, tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0),
+                    out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
+
+    @triton.jit
+    def _int4_gemv_v3_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
+                             SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+        """``_int4_gemv_v2_kernel`` without its register prefetch: all loads of a step are written in the step,
+        and Triton's software pipeliner (num_stages) turns them into cp.async copies to shared memory issued
+        num_stages - 1 steps ahead; each 16 bytes is then read back from shared memory once."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        CH: tl.constexpr = BLOCK_N // 128
+        STEP: tl.constexpr = RW * TR
+        MASKED: tl.constexpr = N % BLOCK_N != 0
+        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+        n_ok = cols < N
+        row0 = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR
+        sxm = stride_xm // 4
+        a0 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a1 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a2 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a3 = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        for it in tl.range(0, K_ITERS, num_stages=STAGES):
+            row = row0 + it * STEP
+            wp = Wp + row[:, None, None] * N + cols
+            s16, za, zb = _group_h2(S, Z, row, cols, n_ok, N, G)
+            xp = X.to(tl.pointer_type(tl.int64)) + (row // 16 * 128 + row % 16) // 4
+            p0 = _parts_zero(RW, CH, not ASM)
+            p1 = p0
+            p2 = p0
+            p3 = p0
+            for q in tl.static_range(TR // 4):
+                w0, w1, w2, w3 = _quad_load(wp + 4 * q * N, N, n_ok, MASKED)
+                xs = _quad_x(xp + q, sxm, BLOCK_M, not ASM)
+                p0, p1, p2, p3 = _quad_dot(w0, w1, w2, w3, xs, xp + q, sxm, za, zb, p0, p1, p2, p3, BLOCK_M, ASM,
+                                           not ASM)
+            a0 += s16 * _parts_f32(p0, not ASM, ASM)
+            if BLOCK_M > 1:
+                a1 += s16 * _parts_f32(p1, not ASM, ASM)
+            if BLOCK_M > 2:
+                a2 += s16 * _parts_f32(p2, not ASM, ASM)
+            if BLOCK_M > 3:
+                a3 += s16 * _parts_f32(p3, not ASM, ASM)
+        out = pid_n * BLOCK_N + tl.arange(0, CH)[:, None] * 128 + tl.arange(0, 128)[None, :]
+        _store_rows(Y, WS, CNT, tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0),
+                    out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
+
+
+GEMV_LEAN_MAX_M = 4
+
+
+@dataclass(frozen=True)
+class Int4LeanConfig:
+    """Tiles of the lean GEMVs: kernel "v2" (next quad prefetched into registers), "v3" (steps pipelined
+    through shared memory by cp.async) or "v4" (no prefetch: fewer registers, more warps).
+
+    A program owns BLOCK_N = 128·CH columns and K / SPLIT_K inputs, in steps of RW·TR word rows (8·RW·TR
+    inputs). Its num_warps warps are RW warp rows (TR word rows each per step) × num_warps / RW warp columns;
+    a thread holds TR·CH·RW / num_warps words of a step."""
+    kernel: str
+    BLOCK_N: int
+    RW: int
+    TR: int
+    SPLIT_K: int = 1
+    num_warps: int = 4
+    num_stages: int = 1  # v3: the pipeline's depth (steps in flight + 1); v2 and v4 leave Triton's pipeliner off
+
+    def __post_init__(self):
+        if self.kernel not in ("v2", "v3", "v4"):
+            raise ValueError(f"unknown lean GEMV {self.kernel!r}")
+        if self.TR not in (4, 8, 16):
+            raise ValueError(f"TR (word rows per thread and step) must be 4, 8 or 16, got {self.TR}")
+        ch = self.BLOCK_N // 128
+        if self.BLOCK_N % 128 or ch < 1 or ch & (ch - 1):
+            raise ValueError(f"BLOCK_N must be 128 times a power of two, got {self.BLOCK_N}")
+        if self.RW < 1 or self.num_warps % self.RW or ch % (self.num_warps // self.RW):
+            raise ValueError(f"RW={self.RW} warp rows must divide num_warps={self.num_warps}, and the other "
+                             f"warps must divide the {ch} column chunks of 128")
+
+    def k_step(self) -> int:
+        """Inputs a program consumes per step: K / SPLIT_K must be a multiple of it."""
+        return 8 * self.RW * self.TR
+
+
+def int4_lean_tiles(M: int = 1) -> list[Int4LeanConfig]:
+    """The lean GEMVs' tiles (SPLIT_K 1) that ``int4_lean_candidates`` sweeps (sm_90 registers, instructions per
+    weight: ``scripts/ch04_int4_sass.py --lean``). Two tokens and more take 128 columns and at most 8 rows a
+    thread: each token adds 8 int64 of inputs a quad and a partial sum per column to the registers."""
+    C = Int4LeanConfig
+    tiles = [C("v2", 128, 4, 8), C("v2", 256, 4, 4), C("v4", 128, 4, 8), C("v4", 128, 4, 16),
+             C("v3", 128, 4, 4, num_stages=3), C("v3", 128, 4, 8, num_stages=3)]
+    if M == 1:
+        return tiles
+    return [c for c in tiles if c.BLOCK_N == 128 and c.TR < 16] + [C("v4", 128, 4, 4)]
+
+
+def int4_lean_candidates(M: int, N: int, K: int, kernel: str | None = None) -> list[Int4LeanConfig]:
+    """Each tile of ``int4_lean_tiles`` with the split-K that gives every program 1, 2 or 4 steps (where K allows
+    it; one step leaves v3's pipeline nothing to overlap, so v3 takes 2 and 4), if that makes at least one
+    program per SM. What ``scripts/ch04_int4_probe.py`` times and ``scripts/ch04_int4_sass.py --lean`` compiles."""
+    out = []
+    for c in int4_lean_tiles(M):
+        if (kernel is not None and c.kernel != kernel) or K % c.k_step():
+            continue
+        steps = K // c.k_step()
+        for per in ((2, 4) if c.kernel == "v3" else (1, 2, 4)):
+            if steps % per == 0 and -(-N // c.BLOCK_N) * (steps // per) >= NUM_SMS:
+                out.append(Int4LeanConfig(c.kernel, c.BLOCK_N, c.RW, c.TR, steps // per, c.num_warps, c.num_stages))
+    return list(dict.fromkeys(out))
+
+
+def int4_gemv_lean(x: torch.Tensor, w: Int4Weight, config: Int4LeanConfig) -> torch.Tensor:
+    """y = x Wᵀ for 1 to 4 tokens with a lean GEMV (``_int4_gemv_v2_kernel`` or ``_int4_gemv_v3_kernel``) on the
+    same Int4Weight as every kernel above. The products are in fp16 as in ``int4_gemv_h2``: same range caveat,
+    each fp16 sum covers 4·TR products of at most |x| (here ≤ 64), so |x| must stay well below 65504 / (4·TR).
+    Split-K calls share ``int4_matmul``'s workspace (one stream at a time)."""
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if x.shape[-1] != K or not 1 <= M <= GEMV_LEAN_MAX_M or x.dtype != torch.bfloat16:
+        raise ValueError(f"the lean GEMVs take 1 to {GEMV_LEAN_MAX_M} tokens of {K} bf16 features, "
+                         f"got x of shape {tuple(x.shape)} and dtype {x.dtype}")
+    c = config
+    if K % (c.SPLIT_K * c.k_step()):
+        raise ValueError(f"K={K} is not a multiple of SPLIT_K · {c.k_step()} = {c.SPLIT_K * c.k_step()}")
+    if x2.stride(-1) != 1 or x2.stride(0) % 4 or x2.data_ptr() % 8:
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # x is read 8 bytes (4 inputs) at a time
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    ws, cnt = _workspace(x.device, M * N, triton.cdiv(N, c.BLOCK_N)) if c.SPLIT_K > 1 else (y, y)
+    kern, extra = ((_int4_gemv_v3_kernel, {"STAGES": c.num_stages}) if c.kernel == "v3"
+                   else (_int4_gemv_v2_kernel, {"PREFETCH": c.kernel == "v2"}))
+    kern[(triton.cdiv(N, c.BLOCK_N), c.SPLIT_K)](
+        x2, w.packed, w.scale, w.zero, y, ws, cnt, x2.stride(0), N=N, G=w.group_size, BLOCK_M=M,
+        BLOCK_N=c.BLOCK_N, RW=c.RW, TR=c.TR, SPLIT_K=c.SPLIT_K, K_ITERS=K // (c.SPLIT_K * c.k_step()), **extra,
+        ASM=not INTERPRET, num_warps=c.num_warps, num_stages=c.num_stages)
+    return y.reshape(*x.shape[:-1], N)
+
 # ----------------------------------------------------------------------------------------------------
 # 5a. A small GPT, trained by the chapter, whose weights are quantized (quality)
 # ----------------------------------------------------------------------------------------------------
