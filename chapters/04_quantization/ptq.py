@@ -1157,6 +1157,26 @@ if triton is not None:
                 tl.store(CNT + tile, 0)
 
     @triton.jit
+    def _lean_accumulate(a0, a1, a2, a3, s16, p0, p1, p2, p3, BLOCK_M: tl.constexpr, ASM: tl.constexpr):
+        """A step's partial sums (one group: one scale) into the fp32 accumulators of the tokens there are."""
+        a0 += s16 * _parts_f32(p0, not ASM, ASM)
+        if BLOCK_M > 1:
+            a1 += s16 * _parts_f32(p1, not ASM, ASM)
+        if BLOCK_M > 2:
+            a2 += s16 * _parts_f32(p2, not ASM, ASM)
+        if BLOCK_M > 3:
+            a3 += s16 * _parts_f32(p3, not ASM, ASM)
+        return a0, a1, a2, a3
+
+    @triton.jit
+    def _lean_store(Y, WS, CNT, a0, a1, a2, a3, pid_n, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The warp rows' sums meet, then the program's BLOCK_N columns go out (split-K through the workspace)."""
+        out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 128)[:, None] * 128 + tl.arange(0, 128)[None, :]
+        _store_rows(Y, WS, CNT, tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0),
+                    out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
+
+    @triton.jit
     def _int4_gemv_v2_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
                              SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
@@ -1204,18 +1224,10 @@ if triton is not None:
                                            not ASM)
                 if PREFETCH:
                     w0, w1, w2, w3 = n0, n1, n2, n3
-            a0 += s16 * _parts_f32(p0, not ASM, ASM)
-            if BLOCK_M > 1:
-                a1 += s16 * _parts_f32(p1, not ASM, ASM)
-            if BLOCK_M > 2:
-                a2 += s16 * _parts_f32(p2, not ASM, ASM)
-            if BLOCK_M > 3:
-                a3 += s16 * _parts_f32(p3, not ASM, ASM)
+            a0, a1, a2, a3 = _lean_accumulate(a0, a1, a2, a3, s16, p0, p1, p2, p3, BLOCK_M, ASM)
             wp += STEP * N
             row += STEP
-        out = pid_n * BLOCK_N + tl.arange(0, CH)[:, None] * 128 + tl.arange(0, 128)[None, :]
-        _store_rows(Y, WS, CNT, tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0),
-                    out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
+        _lean_store(Y, WS, CNT, a0, a1, a2, a3, pid_n, N, BLOCK_N, BLOCK_M, SPLIT_K)
 
     @triton.jit
     def _int4_gemv_v3_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
@@ -1251,16 +1263,8 @@ if triton is not None:
                 xs = _quad_x(xp + q, sxm, BLOCK_M, not ASM)
                 p0, p1, p2, p3 = _quad_dot(w0, w1, w2, w3, xs, xp + q, sxm, za, zb, p0, p1, p2, p3, BLOCK_M, ASM,
                                            not ASM)
-            a0 += s16 * _parts_f32(p0, not ASM, ASM)
-            if BLOCK_M > 1:
-                a1 += s16 * _parts_f32(p1, not ASM, ASM)
-            if BLOCK_M > 2:
-                a2 += s16 * _parts_f32(p2, not ASM, ASM)
-            if BLOCK_M > 3:
-                a3 += s16 * _parts_f32(p3, not ASM, ASM)
-        out = pid_n * BLOCK_N + tl.arange(0, CH)[:, None] * 128 + tl.arange(0, 128)[None, :]
-        _store_rows(Y, WS, CNT, tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0), tl.sum(a3, axis=0),
-                    out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
+            a0, a1, a2, a3 = _lean_accumulate(a0, a1, a2, a3, s16, p0, p1, p2, p3, BLOCK_M, ASM)
+        _lean_store(Y, WS, CNT, a0, a1, a2, a3, pid_n, N, BLOCK_N, BLOCK_M, SPLIT_K)
 
 
 GEMV_LEAN_MAX_M = 4

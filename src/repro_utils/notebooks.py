@@ -234,8 +234,9 @@ def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str
     meta = nb.metadata.get("course", {})
     known = "min_compute_capability" in meta and "min_gpu_why" in meta
     url, branch = repository(root) if (Path(root) / "_config.yml").is_file() else (None, None)
-    for cell in nb.cells:
-        role = _role(cell)
+    setup = set(setup_cells(nb))
+    for i, cell in enumerate(nb.cells):
+        role = _role(cell) or ("setup" if i in setup else None)
         if role is None:
             continue
         if role == "colab" and known and url:
@@ -245,10 +246,6 @@ def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str
         tags = _tags(cell)
         if SETUP_TAGS[role] not in tags:
             tags.append(SETUP_TAGS[role])
-    for i in setup_cells(nb):
-        tags = _tags(nb.cells[i])
-        if SETUP_TAGS["setup"] not in tags:
-            tags.append(SETUP_TAGS["setup"])
     # the title first, then the running note
     title = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("# ")), None)
     if title is not None:
