@@ -274,7 +274,7 @@ def test_profiles_resolve_and_notebook_declares_the_parameters():
     full = resolve(ch.parameters, {"profile": "full"}, cuda=True)
     assert full["length_max_completion"] >= 256 and full["length_beta"] == 0 and full["length_steps"] >= 150
     assert full["filler_prob"] > 0
-    assert set(notebook_parameters(ch.notebook)) == set(COMMON) | set(ch.parameters)
+    assert set(notebook_parameters(ch.source_notebook)) == set(COMMON) | set(ch.parameters)
 
 
 def test_sampling_leaves_the_model_in_its_mode(problems):
