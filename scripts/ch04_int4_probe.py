@@ -6,7 +6,7 @@
     python3 scripts/ch04_int4_probe.py --out $OUT --old-sweep --m16 --ncu   # the previous probe's full sweeps too
 
 Timing part, on each Llama-3-8B MLP shape (N, K) = (14336, 4096), (4096, 14336) and on (4096, 4096), at M = 1:
-- the lean GEMVs of section 4b of ptq.py (``ptq.int4_gemv_lean``, kernels "v2", "v3", "v4"), every candidate of
+- the lean GEMVs of section 4b of ptq.py (``ptq.int4_gemv_lean``, kernels "v2", "v3", "v4", "v5"), every candidate of
   ``ptq.int4_lean_candidates``;
 - the fp32 GEMV (``int4_matmul``) and the fp16x2 GEMV (``int4_gemv_h2``) as references, each on the fastest
   "gemv" configurations of the last H200 probe (calibration/h200-15a2b94-int4-probe.json), both kernels on each;
@@ -60,7 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096)]
-LEAN = ("v2", "v3", "v4")
+LEAN = ("v2", "v3", "v4", "v5")
 # the fastest "gemv" configurations of each old GEMV in the last H200 probe (calibration/h200-15a2b94-int4-probe):
 # (BLOCK_N, num_warps, KW, SPLIT_K) of the fp32 GEMV's best and of the fp16x2 GEMV's best, per shape
 REFERENCE = {(14336, 4096): [(512, 4, 8, 32), (256, 2, 16, 8)], (4096, 14336): [(512, 4, 8, 112), (256, 2, 16, 28)],
@@ -72,7 +72,8 @@ KEEP = ("DRAM Throughput", "Memory Throughput", "Duration", "Compute (SM) Throug
         "Warp Cycles Per Issued Instruction", "Block Limit Registers", "Block Limit Shared Mem",
         "Dynamic Shared Memory Per Block", "Static Shared Memory Per Block")
 KERNEL_NAMES = {"gemv": "_int4_gemv_kernel", "gemv_h2": "_int4_gemv_h2_kernel", "mma": "_int4_mma_kernel",
-                "v2": "_int4_gemv_v2_kernel", "v3": "_int4_gemv_v3_kernel", "v4": "_int4_gemv_v2_kernel"}
+                "v2": "_int4_gemv_v2_kernel", "v3": "_int4_gemv_v3_kernel", "v4": "_int4_gemv_v2_kernel",
+                "v5": "_int4_gemv_v5_kernel"}
 
 
 def weights(N: int, K: int, device: str, seed: int = 0, M: int = 1):

@@ -22,7 +22,7 @@ The default report has three kernels per shape: the fp32 GEMV at its default con
 GEMV (``_int4_gemv_h2_kernel``) at the same tiles, and the tensor-core kernel at its M = 16 default; a table of
 the two GEMVs side by side follows.
 
-``--lean`` reports the lean GEMVs instead (``_int4_gemv_v2_kernel``, ``_int4_gemv_v3_kernel``): every tile of
+``--lean`` reports the lean GEMVs instead (``_int4_gemv_v2_kernel``, ``_v3``, ``_v5``): every tile of
 ``ptq.int4_lean_tiles()`` compiled at SPLIT_K = 8 with 4 steps a program (the loop the split-K candidates run,
 whatever their SPLIT_K), with registers, spills, shared memory, the loads of the main loop by width, instructions
 per weight (and per weight and token), and the theoretical occupancy those give on an sm_90 SM (65536 registers,
@@ -106,12 +106,12 @@ LEAN_TYPES = {"X": "*bf16", "Wp": "*i32", "S": "*bf16", "Z": "*u8", "Y": "*bf16"
 def compile_lean(cfg: ptq.Int4LeanConfig, N: int, M: int = 1, k_iters: int = 4):
     """A lean GEMV (``ptq.int4_gemv_lean``'s kernel for cfg) compiled for sm_90 at N outputs, M tokens and
     k_iters steps a program (SPLIT_K as in cfg; K does not enter the code otherwise)."""
-    jit = ptq._int4_gemv_v3_kernel if cfg.kernel == "v3" else ptq._int4_gemv_v2_kernel
+    jit = {"v3": ptq._int4_gemv_v3_kernel, "v5": ptq._int4_gemv_v5_kernel}.get(cfg.kernel, ptq._int4_gemv_v2_kernel)
     constants = {"N": N, "G": 128, "BLOCK_M": M, "BLOCK_N": cfg.BLOCK_N, "RW": cfg.RW, "TR": cfg.TR,
                  "SPLIT_K": cfg.SPLIT_K, "K_ITERS": k_iters, "ASM": True}
     if cfg.kernel == "v3":
         constants["STAGES"] = cfg.num_stages
-    else:
+    elif cfg.kernel != "v5":
         constants["PREFETCH"] = cfg.kernel == "v2"
     return compile_sm90(jit, LEAN_TYPES, constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                         aligned=("stride_xm",))
@@ -133,6 +133,7 @@ def report_lean(cfg: ptq.Int4LeanConfig, N: int, M: int) -> dict:
     ops = Counter(opcode(ln).split(".")[0] for ln in loop)
     loads = Counter(m.group(0) for m in re.finditer(r"\b(?:LDGSTS|LDG|LDS)\b(?:\.[A-Z0-9_]+)*", "\n".join(loop)))
     per_thread = cfg.k_step() * cfg.BLOCK_N / (32 * cfg.num_warps)  # weights a thread handles per step
+    per_thread *= 2 if cfg.kernel == "v5" else 1  # v5's loop takes two steps an iteration
     return {"cfg": cfg, "M": M, "regs": regs, "spill": spill, "smem": smem, "loop": len(loop),
             "per_weight": len(loop) / per_thread, "warps_per_sm": occupancy(regs, smem, cfg.num_warps),
             "ops": ops, "loads": dict(loads)}

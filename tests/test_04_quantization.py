@@ -697,7 +697,7 @@ def test_gemv_h2_sass_has_packed_fp16_and_fewer_instructions_per_weight():
         assert new["issue"] > old["issue"]
 
 
-# The lean GEMVs (section 4b of ptq.py: _int4_gemv_v2_kernel, _int4_gemv_v3_kernel, 1 to 4 tokens). In the
+# The lean GEMVs (section 4b of ptq.py: _int4_gemv_v2_kernel, _v3, _v5, 1 to 4 tokens). In the
 # interpreter their quads go through _quad_ref (fp32 products of x rounded to fp16), so these tests check what
 # both paths share: which words, inputs, scales and zero points meet, masks, split-K and the workspace. The
 # PTX steps' emulation is checked bit for bit on one quad below; the PTX itself only compiles here (SASS test).
@@ -716,6 +716,8 @@ def test_lean_config_rejects_impossible_tiles():
         ptq.Int4LeanConfig("v9", 128, 4, 4)
     with pytest.raises(ValueError, match="TR"):
         ptq.Int4LeanConfig("v2", 128, 4, 2)
+    with pytest.raises(ValueError, match="TR"):
+        ptq.Int4LeanConfig("v5", 128, 4, 16)
     with pytest.raises(ValueError, match="BLOCK_N"):
         ptq.Int4LeanConfig("v2", 192, 4, 4)
     with pytest.raises(ValueError, match="warp rows"):
@@ -723,7 +725,7 @@ def test_lean_config_rejects_impossible_tiles():
     for M in (1, 4):
         for N, K in ((14336, 4096), (4096, 14336), (4096, 4096)):
             cands = ptq.int4_lean_candidates(M, N, K)
-            assert {c.kernel for c in cands} == {"v2", "v3", "v4"}
+            assert {c.kernel for c in cands} == {"v2", "v3", "v4", "v5"}
             assert all(K % (c.SPLIT_K * c.k_step()) == 0 for c in cands)
 
 
@@ -734,6 +736,12 @@ def test_lean_config_rejects_impossible_tiles():
     (2, 136, 512, 256, ptq.Int4LeanConfig("v3", 128, 4, 4, SPLIT_K=2, num_stages=3)),  # groups of 256
     (4, 64, 256, 128, ptq.Int4LeanConfig("v3", 128, 2, 8, SPLIT_K=1, num_warps=2)),  # no split, N < BLOCK_N
     (1, 96, 1024, 128, ptq.Int4LeanConfig("v4", 128, 2, 16, SPLIT_K=2, num_warps=2)),  # no prefetch, 4 quads a step
+    # v5 (next step prefetched, two steps a loop iteration): an even, an odd and a single step a program
+    (1, 200, 384, 128, ptq.Int4LeanConfig("v5", 128, 2, 4, num_warps=2)),  # masked columns, 6 steps
+    (2, 136, 384, 128, ptq.Int4LeanConfig("v5", 128, 4, 4)),  # 3 steps (the odd one after the loop), masked
+    (3, 72, 512, 128, ptq.Int4LeanConfig("v5", 256, 2, 8, SPLIT_K=2, num_warps=2)),  # 2 quads a step, split-K
+    (4, 96, 1024, 128, ptq.Int4LeanConfig("v5", 128, 2, 8, SPLIT_K=2, num_warps=2)),  # 4 steps a program
+    (1, 64, 256, 128, ptq.Int4LeanConfig("v5", 128, 4, 4, SPLIT_K=2)),  # one step a program: no loop at all
 ])
 def test_lean_gemv_matches_dequantized_matmul(M, N, K, G, config):
     w4, g = lean_weight(N, K, G, seed=M + N)
@@ -827,4 +835,4 @@ def test_int4_probe_dry_run_checks_its_configurations():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_probe.py"), "--dry-run", "--ncu"],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout
-    assert out.count("M = 1 rows") == 3 and all(f"'{k}':" in out for k in ("v2", "v3", "v4", "gemv_h2")), out
+    assert out.count("M = 1 rows") == 3 and all(f"'{k}':" in out for k in ("v2", "v3", "v4", "v5", "gemv_h2")), out

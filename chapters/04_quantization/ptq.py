@@ -908,6 +908,9 @@ def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, gro
 # "v4" (the same kernel, PREFETCH off) loads each quad just before it, behind the same barrier, and counts on
 # more resident warps; "v3" (_int4_gemv_v3_kernel) lets Triton's software pipeliner stream whole steps through
 # shared memory (cp.async, num_stages deep). Which is fastest is for the GPU to say (scripts/ch04_int4_probe.py).
+# A fourth, "v5" (_int4_gemv_v5_kernel), came from v2's sm_90 SASS: ptxas moves each quad's math (registers only)
+# above the barrier and the next quad's loads, so v2 has 4 128-bit loads a thread in flight for ~50 instructions;
+# v5 loads the whole next step (and its scales and zeros) before a step's math, which reads x after the barrier.
 # In the interpreter (no PTX) the quads are computed by _quad_ref: the same loads and indexing, the
 # products in fp32 from x rounded to fp16 (the fp16 sums are not reproduced); the PTX steps' own emulation
 # (_deq_h2, _x4_pair_h2, _dot4_h2, bit for bit) is checked separately, one quad at a time.
@@ -1266,6 +1269,80 @@ if triton is not None:
             a0, a1, a2, a3 = _lean_accumulate(a0, a1, a2, a3, s16, p0, p1, p2, p3, BLOCK_M, ASM)
         _lean_store(Y, WS, CNT, a0, a1, a2, a3, pid_n, N, BLOCK_N, BLOCK_M, SPLIT_K)
 
+    @triton.jit
+    def _v5_step(X, Wp, S, Z, wp, row, cols, n_ok, more, w, g, a, sxm, N: tl.constexpr, G: tl.constexpr,
+                 BLOCK_M: tl.constexpr, RW: tl.constexpr, CH: tl.constexpr, TR: tl.constexpr, ASM: tl.constexpr):
+        """One step of ``_int4_gemv_v5_kernel``: the next step's words and group are loaded (where ``more``),
+        then this step's words w (8 tiles: quads A and B, B unused where TR = 4) and group g = (s16, za, zb) are
+        multiplied into the accumulators a. Returns a, the next step's words and group."""
+        STEP: tl.constexpr = RW * TR
+        n0, n1, n2, n3 = _quad_load(wp + STEP * N, N, n_ok & more, True)
+        n4, n5, n6, n7 = n0, n1, n2, n3
+        if TR == 8:
+            n4, n5, n6, n7 = _quad_load(wp + (STEP + 4) * N, N, n_ok & more, True)
+        ng = _group_h2(S, Z, row + STEP, cols, n_ok & more, N, G)
+        tl.debug_barrier()  # the loads above are issued here ...
+        # ... and this step's inputs read after it, so that the products below cannot move above them
+        xp = X.to(tl.pointer_type(tl.int64)) + (row // 16 * 128 + row % 16) // 4  # nibble 0 of the row
+        s16, za, zb = g
+        p0 = _parts_zero(RW, CH, not ASM)
+        p1 = p0
+        p2 = p0
+        p3 = p0
+        xs = _quad_x(xp, sxm, BLOCK_M, not ASM)
+        p0, p1, p2, p3 = _quad_dot(w[0], w[1], w[2], w[3], xs, xp, sxm, za, zb, p0, p1, p2, p3, BLOCK_M, ASM,
+                                   not ASM)
+        if TR == 8:
+            xs = _quad_x(xp + 1, sxm, BLOCK_M, not ASM)
+            p0, p1, p2, p3 = _quad_dot(w[4], w[5], w[6], w[7], xs, xp + 1, sxm, za, zb, p0, p1, p2, p3, BLOCK_M,
+                                       ASM, not ASM)
+        a = _lean_accumulate(a[0], a[1], a[2], a[3], s16, p0, p1, p2, p3, BLOCK_M, ASM)
+        return a, (n0, n1, n2, n3, n4, n5, n6, n7), ng
+
+    @triton.jit
+    def _int4_gemv_v5_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
+                             SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, ASM: tl.constexpr):
+        """``_int4_gemv_v2_kernel`` with its prefetch a whole step ahead, and kept there (register double-buffering).
+
+        Step it + 1's words (TR word rows a thread: one quad for TR = 4, two for TR = 8) and its scales and
+        zeros are loaded into registers before step it is multiplied, so that TR·CH 128-bit loads a thread are
+        in flight during a whole step's math. Why v2's prefetch does not do that: bar.sync orders memory
+        operations only, and in its sm_90 SASS ptxas moves each quad's math (which reads registers only) above
+        the barrier and above the next quad's loads, whose results are then needed ~50 instructions later.
+        Here x is read after the barrier (``_v5_step``): the products depend on it, so the math stays below
+        the loads of the next step. The loop takes two steps an iteration, so that the two register sets
+        alternate (w → n → w) instead of being copied back at every step."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        CH: tl.constexpr = BLOCK_N // 128
+        STEP: tl.constexpr = RW * TR
+        MASKED: tl.constexpr = N % BLOCK_N != 0
+        tl.static_assert(TR == 4 or TR == 8, "v5 takes 4 or 8 word rows a thread and step")
+        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+        n_ok = cols < N
+        row = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR  # each warp row's first word row of the step
+        wp = Wp + row[:, None, None] * N + cols
+        sxm = stride_xm // 4
+        z = tl.zeros((RW, CH, 128), dtype=tl.float32)
+        a = (z, z, z, z)
+        w0, w1, w2, w3 = _quad_load(wp, N, n_ok, MASKED)  # the first step's words and group
+        w4, w5, w6, w7 = w0, w1, w2, w3
+        if TR == 8:
+            w4, w5, w6, w7 = _quad_load(wp + 4 * N, N, n_ok, MASKED)
+        w = (w0, w1, w2, w3, w4, w5, w6, w7)
+        g = _group_h2(S, Z, row, cols, n_ok, N, G)
+        for it in range(0, K_ITERS - 1, 2):  # steps it (words w, loading n) and it + 1 (words n, loading w)
+            a, n, ng = _v5_step(X, Wp, S, Z, wp, row, cols, n_ok, True, w, g, a, sxm, N, G, BLOCK_M, RW, CH, TR,
+                                ASM)
+            a, w, g = _v5_step(X, Wp, S, Z, wp + STEP * N, row + STEP, cols, n_ok, it + 2 < K_ITERS, n, ng, a,
+                               sxm, N, G, BLOCK_M, RW, CH, TR, ASM)
+            wp += 2 * STEP * N
+            row += 2 * STEP
+        if K_ITERS % 2 == 1:  # the last step of an odd number
+            a, w, g = _v5_step(X, Wp, S, Z, wp, row, cols, n_ok, False, w, g, a, sxm, N, G, BLOCK_M, RW, CH, TR,
+                               ASM)
+        _lean_store(Y, WS, CNT, a[0], a[1], a[2], a[3], pid_n, N, BLOCK_N, BLOCK_M, SPLIT_K)
 
 GEMV_LEAN_MAX_M = 4
 
@@ -1273,7 +1350,8 @@ GEMV_LEAN_MAX_M = 4
 @dataclass(frozen=True)
 class Int4LeanConfig:
     """Tiles of the lean GEMVs: kernel "v2" (next quad prefetched into registers), "v3" (steps pipelined
-    through shared memory by cp.async) or "v4" (no prefetch: fewer registers, more warps).
+    through shared memory by cp.async), "v4" (no prefetch: fewer registers, more warps) or "v5" (next step
+    prefetched into registers, TR 4 or 8).
 
     A program owns BLOCK_N = 128·CH columns and K / SPLIT_K inputs, in steps of RW·TR word rows (8·RW·TR
     inputs). Its num_warps warps are RW warp rows (TR word rows each per step) × num_warps / RW warp columns;
@@ -1287,8 +1365,10 @@ class Int4LeanConfig:
     num_stages: int = 1  # v3: the pipeline's depth (steps in flight + 1); v2 and v4 leave Triton's pipeliner off
 
     def __post_init__(self):
-        if self.kernel not in ("v2", "v3", "v4"):
+        if self.kernel not in ("v2", "v3", "v4", "v5"):
             raise ValueError(f"unknown lean GEMV {self.kernel!r}")
+        if self.kernel == "v5" and self.TR not in (4, 8):
+            raise ValueError(f"v5 takes TR 4 or 8 (one or two quads a step), got {self.TR}")
         if self.TR not in (4, 8, 16):
             raise ValueError(f"TR (word rows per thread and step) must be 4, 8 or 16, got {self.TR}")
         ch = self.BLOCK_N // 128
@@ -1309,7 +1389,8 @@ def int4_lean_tiles(M: int = 1) -> list[Int4LeanConfig]:
     thread: each token adds 8 int64 of inputs a quad and a partial sum per column to the registers."""
     C = Int4LeanConfig
     tiles = [C("v2", 128, 4, 8), C("v2", 256, 4, 4), C("v4", 128, 4, 8), C("v4", 128, 4, 16),
-             C("v3", 128, 4, 4, num_stages=3), C("v3", 128, 4, 8, num_stages=3)]
+             C("v3", 128, 4, 4, num_stages=3), C("v3", 128, 4, 8, num_stages=3),
+             C("v5", 128, 4, 4), C("v5", 128, 4, 8), C("v5", 256, 4, 4)]
     if M == 1:
         return tiles
     return [c for c in tiles if c.BLOCK_N == 128 and c.TR < 16] + [C("v4", 128, 4, 4)]
@@ -1317,21 +1398,21 @@ def int4_lean_tiles(M: int = 1) -> list[Int4LeanConfig]:
 
 def int4_lean_candidates(M: int, N: int, K: int, kernel: str | None = None) -> list[Int4LeanConfig]:
     """Each tile of ``int4_lean_tiles`` with the split-K that gives every program 1, 2 or 4 steps (where K allows
-    it; one step leaves v3's pipeline nothing to overlap, so v3 takes 2 and 4), if that makes at least one
-    program per SM. What ``scripts/ch04_int4_probe.py`` times and ``scripts/ch04_int4_sass.py --lean`` compiles."""
+    it; one step leaves v3's pipeline and v5's prefetch nothing to overlap, so they take 2 and 4), if that makes
+    at least one program per SM. What ``scripts/ch04_int4_probe.py`` times and ``scripts/ch04_int4_sass.py --lean`` compiles."""
     out = []
     for c in int4_lean_tiles(M):
         if (kernel is not None and c.kernel != kernel) or K % c.k_step():
             continue
         steps = K // c.k_step()
-        for per in ((2, 4) if c.kernel == "v3" else (1, 2, 4)):
+        for per in ((2, 4) if c.kernel in ("v3", "v5") else (1, 2, 4)):
             if steps % per == 0 and -(-N // c.BLOCK_N) * (steps // per) >= NUM_SMS:
                 out.append(Int4LeanConfig(c.kernel, c.BLOCK_N, c.RW, c.TR, steps // per, c.num_warps, c.num_stages))
     return list(dict.fromkeys(out))
 
 
 def int4_gemv_lean(x: torch.Tensor, w: Int4Weight, config: Int4LeanConfig) -> torch.Tensor:
-    """y = x Wᵀ for 1 to 4 tokens with a lean GEMV (``_int4_gemv_v2_kernel`` or ``_int4_gemv_v3_kernel``) on the
+    """y = x Wᵀ for 1 to 4 tokens with a lean GEMV (``_int4_gemv_v2_kernel``, ``_v3`` or ``_v5``) on the
     same Int4Weight as every kernel above. The products are in fp16 as in ``int4_gemv_h2``: same range caveat,
     each fp16 sum covers 4·TR products of at most |x| (here ≤ 64), so |x| must stay well below 65504 / (4·TR).
     Split-K calls share ``int4_matmul``'s workspace (one stream at a time)."""
@@ -1349,6 +1430,7 @@ def int4_gemv_lean(x: torch.Tensor, w: Int4Weight, config: Int4LeanConfig) -> to
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     ws, cnt = _workspace(x.device, M * N, triton.cdiv(N, c.BLOCK_N)) if c.SPLIT_K > 1 else (y, y)
     kern, extra = ((_int4_gemv_v3_kernel, {"STAGES": c.num_stages}) if c.kernel == "v3"
+                   else (_int4_gemv_v5_kernel, {}) if c.kernel == "v5"
                    else (_int4_gemv_v2_kernel, {"PREFETCH": c.kernel == "v2"}))
     kern[(triton.cdiv(N, c.BLOCK_N), c.SPLIT_K)](
         x2, w.packed, w.scale, w.zero, y, ws, cnt, x2.stride(0), N=N, G=w.group_size, BLOCK_M=M,
