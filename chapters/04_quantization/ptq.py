@@ -1180,6 +1180,16 @@ if triton is not None:
                     out, out < N, N, pid_n, BLOCK_M, SPLIT_K)
 
     @triton.jit
+    def _lean_tile(N: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
+                   K_ITERS: tl.constexpr):
+        """A lean GEMV program's tile: its column block (pid_n), its columns as (1, CH, 128) and which of them
+        exist, and each warp row's first word row (RW,) of the program's first step."""
+        pid_n = tl.program_id(0)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 128)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+        row = tl.program_id(1) * (K_ITERS * RW * TR) + tl.arange(0, RW) * TR
+        return pid_n, cols, cols < N, row
+
+    @triton.jit
     def _int4_gemv_v2_kernel(X, Wp, S, Z, Y, WS, CNT, stride_xm, N: tl.constexpr, G: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RW: tl.constexpr, TR: tl.constexpr,
                              SPLIT_K: tl.constexpr, K_ITERS: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr):
@@ -1191,14 +1201,10 @@ if triton is not None:
         multiplied. Without (kernel "v4"): a quad's words are loaded just before it is multiplied, and other warps
         hide the wait (fewer registers, more warps). Either way a barrier follows the loads: ptxas otherwise sinks
         each load to just before its first use (seen in the sm_90 SASS), which leaves nothing in flight."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         CH: tl.constexpr = BLOCK_N // 128
         STEP: tl.constexpr = RW * TR
         MASKED: tl.constexpr = N % BLOCK_N != 0
-        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
-        n_ok = cols < N
-        row = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR  # each warp row's first word row of the step
+        pid_n, cols, n_ok, row = _lean_tile(N, BLOCK_N, RW, TR, K_ITERS)  # row: each warp row's first word row
         wp = Wp + row[:, None, None] * N + cols
         sxm = stride_xm // 4
         a0 = tl.zeros((RW, CH, 128), dtype=tl.float32)
@@ -1239,14 +1245,10 @@ if triton is not None:
         """``_int4_gemv_v2_kernel`` without its register prefetch: all loads of a step are written in the step,
         and Triton's software pipeliner (num_stages) turns them into cp.async copies to shared memory issued
         num_stages - 1 steps ahead; each 16 bytes is then read back from shared memory once."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         CH: tl.constexpr = BLOCK_N // 128
         STEP: tl.constexpr = RW * TR
         MASKED: tl.constexpr = N % BLOCK_N != 0
-        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
-        n_ok = cols < N
-        row0 = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR
+        pid_n, cols, n_ok, row0 = _lean_tile(N, BLOCK_N, RW, TR, K_ITERS)
         sxm = stride_xm // 4
         a0 = tl.zeros((RW, CH, 128), dtype=tl.float32)
         a1 = tl.zeros((RW, CH, 128), dtype=tl.float32)
@@ -1313,15 +1315,11 @@ if triton is not None:
         Here x is read after the barrier (``_v5_step``): the products depend on it, so the math stays below
         the loads of the next step. The loop takes two steps an iteration, so that the two register sets
         alternate (w → n → w) instead of being copied back at every step."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         CH: tl.constexpr = BLOCK_N // 128
         STEP: tl.constexpr = RW * TR
         MASKED: tl.constexpr = N % BLOCK_N != 0
         tl.static_assert(TR == 4 or TR == 8, "v5 takes 4 or 8 word rows a thread and step")
-        cols = pid_n * BLOCK_N + tl.arange(0, CH)[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
-        n_ok = cols < N
-        row = pid_k * (K_ITERS * STEP) + tl.arange(0, RW) * TR  # each warp row's first word row of the step
+        pid_n, cols, n_ok, row = _lean_tile(N, BLOCK_N, RW, TR, K_ITERS)
         wp = Wp + row[:, None, None] * N + cols
         sxm = stride_xm // 4
         z = tl.zeros((RW, CH, 128), dtype=tl.float32)
