@@ -11,6 +11,7 @@ memory, and the instructions that say which Hopper paths the compiler took:
 
     python3 scripts/ch03_hopper_sass.py            # every candidate at d = 64, 128, 256 (~1 min)
     python3 scripts/ch03_hopper_sass.py --json x   # also as JSON
+    python3 scripts/ch03_hopper_sass.py --backward --dims 128   # studied dK/dV and dQ kernels, and the fused one
 
 What it cannot say: how fast any of them runs. That is scripts/ch03_hopper_probe.py's job, on the GPU.
 """
@@ -66,6 +67,33 @@ def studied_kernel(d: int, config) -> dict:
                                     num_stages=config.num_stages, aligned=("N_CTX",)))
 
 
+BWD_SIG = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "dO": "*bf16", "L": "*fp32", "Delta": "*fp32", "dQ": "*bf16",
+           "dK": "*bf16", "dV": "*bf16", "sm_scale": "fp32", "N_CTX": "i32"}
+
+
+def backward_rows(dims=(64, 128), candidates: int | None = None) -> list[dict]:
+    """--backward: the studied dK/dV and dQ kernels beside the fused one (hopper_kernels._attn_bwd_fused, whose
+    dQ is fp32 and added with atomics: RED instructions), bf16, causal and not."""
+    kernels = (("studied dkdv", fk._attn_bwd_dkdv.fn, fk.bwd_dkdv_configs, {}),
+               ("studied dq", fk._attn_bwd_dq.fn, fk.bwd_dq_configs, {}),
+               ("fused", hk._attn_bwd_fused.fn, hk.bwd_fused_configs, {"dQ": "*fp32"}))
+    out = []
+    for d in dims:
+        for causal in (False, True):
+            for name, jit, configs, sig in kernels:
+                for c in configs()[:candidates]:
+                    out.append({"kernel": name, "d": d, "causal": causal, **c.kwargs, "warps": c.num_warps,
+                                "stages": c.num_stages, **_safe(backward_kernel, jit, sig, d, causal, c)})
+    return out
+
+
+def backward_kernel(jit, sig: dict, d: int, causal: bool, config) -> dict:
+    compiled = sm90.compile_sm90(jit, {**BWD_SIG, **sig}, dict(HEAD_DIM=d, CAUSAL=causal, **config.kwargs),
+                                 num_warps=config.num_warps, num_stages=config.num_stages, aligned=("N_CTX",))
+    red = len(re.findall(r"\bREDG?\.", sm90.cuobjdump(compiled, "-sass")))  # global atomic adds, result unused
+    return {**report(compiled), "RED": red}
+
+
 def rows(dims=(64, 128, 256), candidates: int | None = None) -> list[dict]:
     """One row per (kernel, head dim, candidate[, dtype, warp specialization]); ``candidates`` keeps the first
     few tile candidates of each kernel."""
@@ -94,7 +122,18 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--dims", default="64,128,256", help="head dims, comma-separated")
     ap.add_argument("--candidates", type=int, help="only the first K tile candidates of each kernel")
+    ap.add_argument("--backward", action="store_true", help="the backward kernels instead (studied and fused)")
     a = ap.parse_args(argv)
+    if a.backward:
+        got = backward_rows(tuple(int(x) for x in a.dims.split(",")), a.candidates)
+        cols = ["kernel", "d", "causal", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes", "smem_bytes",
+                "LDGSTS", "HGMMA", "HMMA", "RED"]
+        print(" ".join(f"{c:>12}" for c in cols))
+        for r in got:
+            print(" ".join(f"{str(r.get(c, r.get('error', '') if c == 'regs' else '')):>12}" for c in cols))
+        if a.json:
+            a.json.write_text(json.dumps({"rows": got}, indent=1))
+        return
     got = rows(tuple(int(x) for x in a.dims.split(",")), a.candidates)
     cols = ["kernel", "d", "dtype", "ws", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes",
             "smem_bytes", *OPS, "sass_sha"]

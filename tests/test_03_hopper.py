@@ -1,4 +1,5 @@
-"""Chapter 03, the Hopper forward and the FP8 forward (hopper_kernels.py), in Triton's CPU interpreter.
+"""Chapter 03, the Hopper forward, the FP8 forward and the fused backward (hopper_kernels.py), in Triton's CPU
+interpreter.
 
 The same kernels compile for sm_90 on the GPU (scripts/ch03_hopper_probe.py times them there); here each
 path is checked against float64 attention: the descriptor loads at head dims 64, 128 and 256, causal or
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,99 @@ def test_grade_records_the_declared_goals_from_the_rows(tmp_path):
     assert goals["fp8-fwd-vs-bf16"]["measured"]["why_untested"] == "not measured in this run"
     claims = {c["id"]: c for c in run.to_dict()["claims"]}
     assert claims["fa3-fp8-error"]["grade"].startswith("Unverified")
+
+
+def grads(attention, q, k, v, do, causal):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    attention(q, k, v, causal=causal).backward(do)
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_backward_is_exact_and_agrees_with_the_studied_one(head_dim, causal, dtype):
+    """Exercise 1: one kernel per key block, dQ by atomic adds into fp32. The same criterion as the studied
+    backward's (test_03_flash_attention.py): within TOL of float64 and within 1.5x standard attention's error."""
+    torch.manual_seed(head_dim + 2 * causal + (dtype == torch.bfloat16))
+    q, k, v, do = (torch.randn(1, 2, 45, head_dim, dtype=dtype) for _ in range(4))  # 45: no tile divides it
+    sm_scale = 1 / math.sqrt(head_dim)
+    o, lse = fk.flash_forward(q, k, v, causal, sm_scale)
+    ours = hk.flash_backward_fused(q, k, v, o, lse, do, causal, sm_scale)
+    studied = fk.flash_backward(q, k, v, o, lse, do, causal, sm_scale)
+    ref = grads(fk.reference_attention, *(t.double() for t in (q, k, v, do)), causal)
+    std = grads(fk.standard_attention, q, k, v, do, causal)
+    for name, a, b, s, r in zip(("dQ", "dK", "dV"), ours, studied, std, ref):
+        assert a.dtype == dtype and a.shape == q.shape and torch.isfinite(a).all(), name
+        err = rel_err(a, r)
+        assert err <= TOL[dtype], f"{name}: relative error {err:.2e}"
+        assert err <= 1.5 * rel_err(s, r), f"{name}: {err:.2e} vs standard {rel_err(s, r):.2e}"
+        # the same math as the studied kernels, summed in another order (dQ): within one rounding of the output
+        assert rel_err(a, b.double()) <= TOL[dtype] / 2, f"{name}: {rel_err(a, b.double()):.2e} from the studied one"
+
+
+@pytest.mark.parametrize("n, block_m, block_n", [(1, 16, 32), (77, 16, 64), (64, 32, 32)])
+def test_fused_backward_other_lengths_and_tiles(n, block_m, block_n):
+    """One token (dQ = dK = 0), a tail cut inside a key block wider than two query blocks, and a length
+    the tiles divide exactly; causal and not, against the studied backward."""
+    torch.manual_seed(n)
+    q, k, v, do = (torch.randn(2, 1, n, 64, dtype=torch.float16) for _ in range(4))
+    cfg = hk.triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+    for causal in (False, True):
+        o, lse = fk.flash_forward(q, k, v, causal, 0.125)
+        ours = hk.flash_backward_fused(q, k, v, o, lse, do, causal, 0.125, config=cfg)
+        ref = grads(partial(fk.reference_attention, sm_scale=0.125), *(t.double() for t in (q, k, v, do)), causal)
+        for a, r in zip(ours, ref):
+            assert torch.isfinite(a).all()
+            assert (a.double() - r).abs().max() <= TOL[torch.float16] * max(r.abs().max().item(), 1.0), (n, causal)
+
+
+def test_fused_backward_refuses_other_head_dims():
+    for d in (96, 256):
+        q = torch.randn(1, 1, 8, d, dtype=torch.float16)
+        lse = torch.zeros(1, 1, 8)
+        with pytest.raises(fk.UnsupportedInput, match=f"head_dim {d}"):
+            hk.flash_backward_fused(q, q, q, q, lse, q, False, 0.1)
+
+
+def test_fused_backward_gpu_candidates(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    configs = hk.bwd_fused_configs()
+    assert 3 <= len(configs) <= 6
+    assert all(c.kwargs["BLOCK_N"] % c.kwargs["BLOCK_M"] == 0 for c in configs)  # key tile = whole query tiles
+
+
+def test_sm90_build_of_the_fused_backward_adds_dq_atomically(tmp_path):
+    """The fused backward's default tile compiled for sm_90 (scripts/ch03_hopper_sass.py --backward): dQ's adds
+    are global reductions (RED), and it spills no more than the studied dK/dV kernel's default tile."""
+    import json
+    import subprocess
+
+    out = tmp_path / "sass.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch03_hopper_sass.py"), "--backward", "--dims", "128",
+                           "--candidates", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    for causal in (False, True):
+        fused, studied = ([r for r in rows if r["kernel"] == k and r["causal"] == causal][0]
+                          for k in ("fused", "studied dkdv"))
+        assert "error" not in fused, fused
+        assert fused["RED"] > 0 and studied["RED"] == 0
+        assert fused["spill_bytes"] <= studied["spill_bytes"]
+
+
+def test_fused_backward_drops_padded_keys_when_every_logit_is_very_negative():
+    """Logits near -20 everywhere (fp16): L ~ -16, so a zero-padded key past N would get P = e^16, which overflows
+    fp16 in dS and makes its (zero) contribution to dQ inf · 0 = NaN, unless the key is masked."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0) * math.sqrt(160)  # |u|^2 / 8 = 20
+    k = (u + 0.3 * torch.randn(1, 2, 45, 64, generator=g)).half()
+    q = (-u + 0.3 * torch.randn(1, 2, 45, 64, generator=g)).half()
+    v, do = (torch.randn(1, 2, 45, 64, generator=g).half() for _ in range(2))
+    o, lse = fk.flash_forward(q, k, v, False, 0.125)
+    assert lse.max() < -11
+    ours = hk.flash_backward_fused(q, k, v, o, lse, do, False, 0.125)
+    ref = grads(fk.reference_attention, *(t.double() for t in (q, k, v, do)), False)
+    for a, r in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        assert (a.double() - r).abs().max() <= TOL[torch.float16] * max(r.abs().max().item(), 1.0)

@@ -32,7 +32,8 @@ accumulation, the softmax output kept in fp16 (then cast to e4m3 for P V, since 
 matmul are FP8; the paper does not say how its baseline forms P V: our reading).
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before triton is
-first imported; CPU tensors). Forward only: nothing here has a backward.
+first imported; CPU tensors). The forwards have no backward of their own; `flash_backward_fused` (exercise 1)
+is the studied backward with dQ added by atomics, FA2 Algorithm 2 line 15, so that one kernel does all of it.
 """
 
 from __future__ import annotations
@@ -356,3 +357,140 @@ def fp8_baseline(q, k, v, causal=False, sm_scale=None):
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Root mean squared error, in float64, against the float64 reference."""
     return float((x.double() - ref.double()).pow(2).mean().sqrt())
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward with FA2's atomic adds for dQ (Algorithm 2 line 15): exercise 1
+# ----------------------------------------------------------------------------------------------
+
+FUSED_BWD_HEAD_DIMS = (64, 128)  # at 256 every tile tried spills on sm_90 (40 to 1,272 bytes): refused
+
+
+def bwd_fused_configs():
+    """Autotune candidates for the fused backward: BLOCK_N keys held on chip (dK, dV), BLOCK_M query rows
+    per step; BLOCK_N must be a multiple of BLOCK_M, as in the studied dK/dV kernel. The first is the default."""
+    if fk.interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    # Compiled for sm_90 (scripts/ch03_hopper_sass.py --backward), bf16, d = 128: 64 x 64 over 8 warps keeps all
+    # five matmuls on wgmma and spills 0 (causal: 8) bytes: the default, untimed. 64 x 128, the studied dK/dV
+    # kernel's default, spills 72-112 bytes (that kernel 88-128); 32 x 128 spills none but runs dQ's on mma.sync.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in ((64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3))]
+
+
+@triton.jit
+def _dkdvdq_inner(dk, dv, k, v, q_blk, do_blk, dq_ptrs, L, Delta, offs_n, lo, hi, sm_scale, N_CTX,
+                  CAUSAL: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """flash_kernels._dkdv_inner over query blocks [lo, hi), plus line 15: dQ_i += scale · dS_ij K_j, added
+    at once to the fp32 buffer (other key blocks add to the same rows: atomically). MASKED blocks also drop
+    keys past N_CTX, whose zero-padded rows would otherwise still get P > 0."""
+    q_blk = tl.advance(q_blk, (lo, 0))
+    do_blk = tl.advance(do_blk, (lo, 0))
+    dq_ptrs += lo * HEAD_DIM
+    qk_scale = sm_scale * fk.LOG2E
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            q = tl.load(q_blk, boundary_check=(0,), padding_option="zero")  # (BLOCK_M, D)
+            do = tl.load(do_blk, boundary_check=(0,), padding_option="zero")
+            lse = tl.load(L + offs_m, mask=offs_m < N_CTX, other=0.0)
+            delta = tl.load(Delta + offs_m, mask=offs_m < N_CTX, other=0.0)
+        else:
+            q = tl.load(q_blk)
+            do = tl.load(do_blk)
+            lse = tl.load(L + offs_m)
+            delta = tl.load(Delta + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :] * fk.LOG2E)  # P_ij^T    matmul 1
+        if MASKED:
+            keep = (offs_m[None, :] < N_CTX) & (offs_n[:, None] < N_CTX)
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)  # line 12: dV_j += P_ij^T dO_i                       matmul 2
+        dp_t = tl.dot(v, tl.trans(do))  # line 13: dP_ij^T = V_j dO_i^T                              matmul 3
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # line 14: dS_ij^T = P_ij^T ∘ (dP_ij^T - D_i)
+        dk = tl.dot(ds_t, q, dk)  # line 16: dK_j += dS_ij^T Q_i (scale applied at the end)        matmul 4
+        dq = tl.dot(tl.trans(ds_t), k) * sm_scale  # line 15: scale · dS_ij K_j                    matmul 5
+        # relaxed: nothing reads dQ before the kernel ends, so the adds need atomicity, not ordering
+        tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < N_CTX, sem="relaxed")
+        q_blk = tl.advance(q_blk, (BLOCK_M, 0))
+        do_blk = tl.advance(do_blk, (BLOCK_M, 0))
+        dq_ptrs += BLOCK_M * HEAD_DIM
+    return dk, dv
+
+
+@triton.autotune(configs=bwd_fused_configs(), key=["N_CTX", "HEAD_DIM", "CAUSAL"], reset_to_zero=["dQ"])
+@triton.jit
+def _attn_bwd_fused(Q, K, V, dO, L, Delta, dQ, dK, dV, sm_scale, N_CTX,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """flash_kernels._attn_bwd_dkdv, line for line, but with dQ (fp32, zeroed) accumulated too."""
+    start_n = tl.program_id(0)  # which block of keys (Alg. 2 line 5, run in parallel)
+    off_hz = tl.program_id(1)
+    base = off_hz.to(tl.int64) * N_CTX * HEAD_DIM
+    L += off_hz.to(tl.int64) * N_CTX
+    Delta += off_hz.to(tl.int64) * N_CTX
+    n0 = start_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_blk = tl.make_block_ptr(K + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                              offsets=(n0, 0), block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    v_blk = tl.make_block_ptr(V + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                              offsets=(n0, 0), block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    q_blk = tl.make_block_ptr(Q + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                              offsets=(0, 0), block_shape=(BLOCK_M, HEAD_DIM), order=(1, 0))
+    do_blk = tl.make_block_ptr(dO + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                               offsets=(0, 0), block_shape=(BLOCK_M, HEAD_DIM), order=(1, 0))
+    # atomics take plain pointers, not block pointers: the (BLOCK_M, D) tile of dQ's first query block
+    dq_ptrs = dQ + base + tl.arange(0, BLOCK_M)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_blk, boundary_check=(0,), padding_option="zero")  # line 6: K_j, V_j stay on chip
+    v = tl.load(v_blk, boundary_check=(0,), padding_option="zero")
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # line 7
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # The studied kernel's query ranges: causal diagonal band (masked), full blocks, masked tail past N.
+    # A key block cut by N sends every query block through the masked loop, which drops its padded keys.
+    lo = 0
+    if CAUSAL:
+        diag_hi = tl.minimum(n0 + BLOCK_N, N_CTX)
+        dk, dv = _dkdvdq_inner(dk, dv, k, v, q_blk, do_blk, dq_ptrs, L, Delta, offs_n, n0, diag_hi, sm_scale,
+                               N_CTX, CAUSAL, True, BLOCK_M, HEAD_DIM)
+        lo = n0 + BLOCK_N
+    full_hi = lo + (tl.maximum(N_CTX - lo, 0) // BLOCK_M) * BLOCK_M
+    full_hi = tl.where(n0 + BLOCK_N > N_CTX, lo, full_hi)
+    dk, dv = _dkdvdq_inner(dk, dv, k, v, q_blk, do_blk, dq_ptrs, L, Delta, offs_n, lo, full_hi, sm_scale,
+                           N_CTX, CAUSAL, False, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdvdq_inner(dk, dv, k, v, q_blk, do_blk, dq_ptrs, L, Delta, offs_n, full_hi, N_CTX, sm_scale,
+                           N_CTX, CAUSAL, True, BLOCK_M, HEAD_DIM)
+    dk = dk * sm_scale  # dS was taken w.r.t. the scaled scores: dK = scale · dS^T Q
+    dk_blk = tl.make_block_ptr(dK + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                               offsets=(n0, 0), block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    dv_blk = tl.make_block_ptr(dV + base, shape=(N_CTX, HEAD_DIM), strides=(HEAD_DIM, 1),
+                               offsets=(n0, 0), block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    tl.store(dk_blk, dk.to(dK.dtype.element_ty), boundary_check=(0,))  # line 18
+    tl.store(dv_blk, dv.to(dV.dtype.element_ty), boundary_check=(0,))
+
+
+def flash_backward_fused(q, k, v, o, lse, do, causal, sm_scale, config=None):
+    """dQ, dK, dV as flash_kernels.flash_backward returns them (contiguous (B, H, N, D) inputs, given O, L and
+    dO), from ONE kernel per key block instead of two: FA2's Algorithm 2 as written, line 15 included.
+
+    Why atomics: the studied backward gives dQ its own kernel (one program per query block) so that each dQ
+    row has one writer; that kernel recomputes S = Q K^T and dP = dO V^T, seven matmuls per tile pair instead
+    of five. Here the key-block program that already holds dS_ij adds scale · dS_ij K_j into dQ_i itself.
+    The saving: two matmuls per tile pair, and the dQ kernel's second pass over K and V. The cost: every key
+    block adds to the same dQ rows (N / BLOCK_N read-modify-writes of each element, in L2), so the adds are
+    atomic, in an order that changes from run to run (dQ is not bitwise deterministic: fp32 sums in another
+    order), into an fp32 buffer of B·H·N·d (4 bytes an element, twice a bf16 dQ), which a last pass casts to
+    the inputs' dtype. ``config`` (a triton.Config) skips autotuning; the head dim must be 64 or 128."""
+    batch, heads, seq_len, head_dim = q.shape
+    if head_dim not in FUSED_BWD_HEAD_DIMS:
+        raise fk.UnsupportedInput(f"head_dim {head_dim} is not supported by the fused backward; supported: "
+                                  f"{FUSED_BWD_HEAD_DIMS} (at 256 its dK, dV and dQ tiles spill registers on sm_90)")
+    delta = torch.empty_like(lse)
+    pre_block = 64
+    fk._bwd_preprocess[(triton.cdiv(seq_len, pre_block), batch * heads)](  # line 4: D = rowsum(dO ∘ O)
+        o, do, delta, seq_len, HEAD_DIM=head_dim, BLOCK_M=pre_block)
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # the atomics' fp32 accumulator
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * heads)  # noqa: E731
+    fk._launch(_attn_bwd_fused, grid, config, q, k, v, do, lse, delta, dq, dk, dv, sm_scale, seq_len,
+               HEAD_DIM=head_dim, CAUSAL=causal)
+    return dq.to(q.dtype), dk, dv
