@@ -285,6 +285,22 @@ def test_fused_backward_is_exact_and_agrees_with_the_studied_one(head_dim, causa
         assert rel_err(a, b.double()) <= TOL[dtype] / 2, f"{name}: {rel_err(a, b.double()):.2e} from the studied one"
 
 
+def test_fused_autograd_wrapper_is_what_the_speed_section_times():
+    """hopper_bench times the fused backward through hk.flash_attention_fused (its autograd Function) and
+    hb.backward_only: the gradients that path returns are the fused kernel's, equal to the studied backward's
+    up to the order of dQ's sums."""
+    hb = import_interpreted("hopper_bench")
+    torch.manual_seed(5)
+    q, k, v, do = (torch.randn(1, 2, 45, 64, dtype=torch.float16) for _ in range(4))
+    for causal in (False, True):
+        fused = grads(hk.flash_attention_fused, q, k, v, do, causal)
+        studied = grads(fk.flash_attention, q, k, v, do, causal)
+        for a, b in zip(fused, studied):
+            assert a.dtype == torch.float16 and rel_err(a, b.double()) <= TOL[torch.float16] / 2
+        timed = hb.backward_only(lambda q, k, v, c: hk.flash_attention_fused(q, k, v, c), q, k, v, causal)()
+        assert len(timed) == 3 and all(t.shape == q.shape and torch.isfinite(t).all() for t in timed)
+
+
 @pytest.mark.parametrize("n, block_m, block_n", [(1, 16, 32), (77, 16, 64), (64, 32, 32)])
 def test_fused_backward_other_lengths_and_tiles(n, block_m, block_n):
     """One token (dQ = dK = 0), a tail cut inside a key block wider than two query blocks, and a length

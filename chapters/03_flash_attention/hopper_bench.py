@@ -98,7 +98,7 @@ def check_rows(dims, n: int, device) -> list[dict]:
 
 def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, replicate: bool = True) -> dict:
     """Forward TFLOP/s of every forward at FA2 §4.1's shapes; at d = 128 also the backward alone (the studied
-    kernel's and cuDNN's). With ``replicate``, the goals' ratios (cuDNN time / kernel time) as ``reps``
+    kernel's, the fused one's and cuDNN's). With ``replicate``, the goals' ratios (cuDNN time / kernel time) as ``reps``
     alternating replicates per shape."""
     impls = forwards()
     rows, goal = [], []
@@ -121,7 +121,8 @@ def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, repli
                         row[name] = _err(e, 200)
                 if d == 128:  # the backward goal
                     for name, f in (("SDPA cuDNN bwd", impls["SDPA cuDNN"]),
-                                    ("studied kernel bwd", lambda q, k, v, c: fk.flash_attention(q, k, v, c))):
+                                    ("studied kernel bwd", lambda q, k, v, c: fk.flash_attention(q, k, v, c)),
+                                    ("fused bwd", lambda q, k, v, c: hk.flash_attention_fused(q, k, v, c))):
                         try:
                             fns[name] = backward_only(f, q, k, v, causal)
                             fns[name]()
@@ -132,7 +133,7 @@ def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, repli
                 rows.append(row)
                 if replicate:
                     for base, name in (("SDPA cuDNN", "studied kernel"), ("SDPA cuDNN", "descriptors"),
-                                       ("SDPA cuDNN bwd", "studied kernel bwd")):
+                                       ("SDPA cuDNN bwd", "studied kernel bwd"), ("SDPA cuDNN bwd", "fused bwd")):
                         if base in fns and name in fns:
                             goal.append({"d": d, "causal": causal, "N": n, "kernel": name,
                                          "vs cuDNN (x)": ratios(fns[base], fns[name], replicates=reps)})
@@ -221,12 +222,13 @@ GOAL_SEQ_LENS = (4096, 8192, 16384)  # "N >= 4K" in the goals
 
 def grade(run, *, speed: dict | None, fp8_error: list[dict] | None, fp8_speed: list[dict] | None, device: str,
           why_not: str = "not measured in this run") -> None:
-    """Record fwd-vs-cudnn, bwd-vs-cudnn, fp8-error-vs-baseline and fp8-fwd-vs-bf16 on ``run`` (a
+    """Record fwd-vs-cudnn, bwd-vs-cudnn, fused-bwd-vs-cudnn, fp8-error-vs-baseline and fp8-fwd-vs-bf16 on ``run`` (a
     repro_utils Run) from the rows of ``speed_rows``, ``fp8_error_rows`` and ``fp8_speed_rows``, as each goal's
     metric declares; a part that is None (or lacks a declared shape) records its goals untested with
     ``why_not`` (or what is missing). fa3-fp8-error is recorded untested: FA3 is not installed."""
     both = [(n, c) for n in GOAL_SEQ_LENS for c in (False, True)]
-    for gid, kernel in (("fwd-vs-cudnn", "descriptors"), ("bwd-vs-cudnn", "studied kernel bwd")):
+    for gid, kernel in (("fwd-vs-cudnn", "descriptors"), ("bwd-vs-cudnn", "studied kernel bwd"),
+                        ("fused-bwd-vs-cudnn", "fused bwd")):
         if speed is None:
             run.untested(gid, why_not)
             continue

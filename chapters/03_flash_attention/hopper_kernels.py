@@ -494,3 +494,19 @@ def flash_backward_fused(q, k, v, o, lse, do, causal, sm_scale, config=None):
     fk._launch(_attn_bwd_fused, grid, config, q, k, v, do, lse, delta, dq, dk, dv, sm_scale, seq_len,
                HEAD_DIM=head_dim, CAUSAL=causal)
     return dq.to(q.dtype), dk, dv
+
+
+class FusedBwdAttention(fk.FlashAttention):
+    """The studied kernels' forward (fk.flash_forward), with the fused backward above in place of fk.flash_backward."""
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_backward_fused(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention_fused(q, k, v, causal=False, sm_scale=None):
+    """fk.flash_attention with the fused backward (head dims 64 and 128)."""
+    sm_scale = fk.check_inputs(q, k, v, causal, sm_scale)
+    return FusedBwdAttention.apply(q, k, v, causal, sm_scale, None)
