@@ -366,3 +366,23 @@ def test_fused_backward_drops_padded_keys_when_every_logit_is_very_negative():
     for a, r in zip(ours, ref):
         assert torch.isfinite(a).all()
         assert (a.double() - r).abs().max() <= TOL[torch.float16] * max(r.abs().max().item(), 1.0)
+
+
+def test_speed_rows_time_the_fused_backward_at_the_goal_lengths(monkeypatch):
+    """hopper_bench.speed_rows on the CPU (interpreter, tiny shapes, a fake clock): the fused backward is timed at
+    the goal's lengths only, beside the studied backward and the baseline, and its replicates reach the goal's
+    reduction (worst_per_replicate) as fused-bwd-vs-cudnn will read them. SDPA's math stands in for cuDNN."""
+    from repro_utils.bench import Timing
+
+    hb = import_interpreted("hopper_bench")
+    monkeypatch.setattr(hb, "GOAL_SEQ_LENS", (32,))
+    monkeypatch.setattr(hb, "time_fn", lambda fn, **kw: Timing(1.0, "fake"))
+    monkeypatch.setattr(hb, "ratios", lambda base, cand, replicates: [1.0 + 0.1 * i for i in range(replicates)])
+    monkeypatch.setattr(hb, "sdpa", lambda backend: lambda q, k, v, causal=False: fk.standard_attention(q, k, v, causal))
+    out = hb.speed_rows([128], [16, 32], "cpu", reps=2, tokens=32)
+    by_n = {(r["N"], r["causal"]): r for r in out["rows"]}
+    assert all(isinstance(by_n[(32, c)]["fused bwd"], float) for c in (False, True)), by_n[(32, False)]
+    assert all("fused bwd" not in by_n[(16, c)] for c in (False, True))  # not at lengths below the goal's
+    fused = [r for r in out["ratios"] if r["kernel"] == "fused bwd"]
+    assert sorted((r["N"], r["causal"]) for r in fused) == [(32, False), (32, True)]
+    assert hb.worst_per_replicate(fused, "vs cuDNN (x)", [(32, False), (32, True)]) == [1.0, 1.1]

@@ -120,9 +120,11 @@ def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, repli
                     except Exception as e:
                         row[name] = _err(e, 200)
                 if d == 128:  # the backward goal
-                    for name, f in (("SDPA cuDNN bwd", impls["SDPA cuDNN"]),
-                                    ("studied kernel bwd", lambda q, k, v, c: fk.flash_attention(q, k, v, c)),
-                                    ("fused bwd", lambda q, k, v, c: hk.flash_attention_fused(q, k, v, c))):
+                    bwds = {"SDPA cuDNN bwd": impls["SDPA cuDNN"],
+                            "studied kernel bwd": lambda q, k, v, c: fk.flash_attention(q, k, v, c)}
+                    if n in GOAL_SEQ_LENS:  # the fused backward at its goal's lengths only (its autotuning costs time)
+                        bwds["fused bwd"] = lambda q, k, v, c: hk.flash_attention_fused(q, k, v, c)
+                    for name, f in bwds.items():
                         try:
                             fns[name] = backward_only(f, q, k, v, causal)
                             fns[name]()
