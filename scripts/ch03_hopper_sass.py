@@ -117,6 +117,13 @@ def _safe(fn, *a) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
+def print_table(got: list[dict], cols: list[str], width: int) -> None:
+    """One line a row, ``width`` characters a column; a row that failed to compile shows its error as ``regs``."""
+    print(" ".join(f"{c:>{width}}" for c in cols))
+    for r in got:
+        print(" ".join(f"{str(r.get(c, r.get('error', '') if c == 'regs' else '')):>{width}}" for c in cols))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -128,18 +135,14 @@ def main(argv=None) -> None:
         got = backward_rows(tuple(int(x) for x in a.dims.split(",")), a.candidates)
         cols = ["kernel", "d", "causal", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes", "smem_bytes",
                 "LDGSTS", "HGMMA", "HMMA", "RED"]
-        print(" ".join(f"{c:>12}" for c in cols))
-        for r in got:
-            print(" ".join(f"{str(r.get(c, r.get('error', '') if c == 'regs' else '')):>12}" for c in cols))
+        print_table(got, cols, 12)
         if a.json:
             a.json.write_text(json.dumps({"rows": got}, indent=1))
         return
     got = rows(tuple(int(x) for x in a.dims.split(",")), a.candidates)
     cols = ["kernel", "d", "dtype", "ws", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes",
             "smem_bytes", *OPS, "sass_sha"]
-    print(" ".join(f"{c:>11}" for c in cols))
-    for r in got:
-        print(" ".join(f"{str(r.get(c, r.get('error', '') if c == 'regs' else '')):>11}" for c in cols))
+    print_table(got, cols, 11)
     plain = {(r["d"], r["dtype"], r["BLOCK_M"], r["BLOCK_N"], r["warps"], r["stages"]): r.get("sass_sha")
              for r in got if r["kernel"] == "descriptors" and not r["ws"]}
     ws = Counter("failed to compile" if "error" in r else "same SASS" if r["sass_sha"] == plain.get(

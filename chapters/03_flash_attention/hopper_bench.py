@@ -123,7 +123,7 @@ def speed_rows(dims, seq_lens, device, *, reps: int, tokens: int = TOKENS, repli
                     bwds = {"SDPA cuDNN bwd": impls["SDPA cuDNN"],
                             "studied kernel bwd": lambda q, k, v, c: fk.flash_attention(q, k, v, c)}
                     if n in GOAL_SEQ_LENS:  # the fused backward at its goal's lengths only (its autotuning costs time)
-                        bwds["fused bwd"] = lambda q, k, v, c: hk.flash_attention_fused(q, k, v, c)
+                        bwds["fused bwd"] = hk.flash_attention_fused
                     for name, f in bwds.items():
                         try:
                             fns[name] = backward_only(f, q, k, v, causal)
