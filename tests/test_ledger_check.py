@@ -324,6 +324,39 @@ def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(cou
     assert any("'later-claim' is graded by this run" in p and "remove `pending`" in p for p in check(course))
 
 
+def test_a_claim_declared_after_one_devices_run_is_excused_only_by_a_later_run_that_grades_it(course):
+    """Two devices: the H100's run came before a claim was declared, the H200's after, and it grades the claim.
+    The H100 ledger may lack it (the scoreboard says it was declared after that run); without the later run, or
+    when the run that grades it is the older one, `repro check` asks for a rerun."""
+    older = device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text().replace("claims:\n", "claims:\n" + PENDING_CLAIM.replace(
+        '    pending: "2026-12-05: graded by the next gpu run"\n', ""), 1))
+    assert any("'later-claim' is declared but the run did not grade it" in p for p in check(course))
+    ch = load_chapter(f.parent)
+    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
+              started="2026-12-06T12:00:00+00:00", t0=time.time())
+    with mock.patch("repro_utils.run.reference_gpu", return_value=True):
+        run.record("uniform-mean", values=[0.5, 0.5001, 0.4999], setting="n=1000000, torch")
+        run.record("needs-gpu", 1.8, setting="H200")
+        run.record("later-claim", 1.7, setting="H200")
+    data = run.to_dict()
+    data["fingerprint"]["device"] = "NVIDIA H200"
+    newer = ledger.path_for(course, data)
+    assert newer != older
+    ledger.write(newer, data)
+    scoreboard.write(course)
+    assert check(course) == []
+    assert "declared after this run (first run: H200)" in (course / "book" / "scoreboard.md").read_text()
+    # the same two ledgers with their dates swapped: the ledger lacking the claim is now the later one
+    a, b = json.loads(older.read_text()), json.loads(newer.read_text())
+    a["fingerprint"]["started"], b["fingerprint"]["started"] = "2026-12-07T12:00:00+00:00", "2026-11-24T12:00:00+00:00"
+    ledger.write(older, a)
+    ledger.write(newer, b)
+    scoreboard.write(course)
+    assert any("h100" in p and "'later-claim' is declared but the run did not grade it" in p for p in check(course))
+
+
 def test_a_staged_next_notebook_is_run_checked_and_published_in_place_of_the_old(course, tmp_path):
     """<chapter>.next.ipynb: the chapter's next version, committed without outputs while the published notebook
     keeps its run's. Runs execute it, `repro check` holds it to no outputs and the chapter's parameters (the

@@ -2,7 +2,9 @@
 
 - every claims.yaml validates, and its notebook declares exactly the chapter's parameters;
 - a claim or goal marked ``pending`` (declared, with its date, before the run that will grade it) may be absent
-  from the ledgers; one that a ledger grades must no longer be marked pending;
+  from the ledgers; one that a ledger grades must no longer be marked pending; one absent from a device's
+  ledger must be graded by a later run of the same chapter and profile on another device (it was declared after
+  the older run, which the scoreboard then says);
 - every ledger (``results/<profile>/<chapter>/<device>.json``) validates, sits where its content says,
   belongs to a chapter, and every stored grade and interval re-derives from its stored replicates; the
   grading fields it stored equal those claims.yaml declares now (a test changed after the run means the
@@ -379,7 +381,9 @@ def check(root: str | Path) -> list[str]:
             stored = {c["id"]: c for c in entries}
             for spec in specs:
                 if spec.id not in stored:
-                    if not spec.pending:  # pending: declared for the next run, before it (pre-registered)
+                    # pending: declared for the next run, before it (pre-registered); graded_later: declared after
+                    # this device's run and graded by a later run on another device
+                    if not spec.pending and not ledger.graded_later(root, data, kind + "s", spec.id):
                         problems.append(f"{rel}: {kind} {spec.id!r} is declared but the run did not grade it: rerun")
                     continue
                 if spec.pending:

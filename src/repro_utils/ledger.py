@@ -104,6 +104,19 @@ def published(root: str | Path, chapter: str, profiles: tuple[str, ...] = ("gpu"
     return out
 
 
+def graded_later(root: str | Path, data: dict, kind: str, cid: str) -> dict | None:
+    """A later committed run (same chapter and profile, another device) that grades ``cid``, which ``data`` lacks.
+
+    A claim or goal declared after one device's run and graded by the next run on another device is absent from
+    the older ledger for an honest reason: it did not exist when that run was made. ``kind``: "claims" or "goals".
+    """
+    started = data["fingerprint"]["started"]
+    for _, other in published(root, data["chapter"], (data["profile"],)):
+        if other["fingerprint"]["started"] > started and any(e["id"] == cid for e in other.get(kind, [])):
+            return other
+    return None
+
+
 def latest(root: str | Path, chapter: str) -> tuple[Path, dict] | None:
     """The most recent committed run of a chapter (the one its committed notebook shows), or None."""
     runs = published(root, chapter)

@@ -57,7 +57,7 @@ def render(root: str | Path) -> str:
             for p, d in cols:
                 e = next((c for c in d["claims"] if c["id"] == claim.id), None)
                 if e is None:
-                    cells.append(_not_graded(claim))
+                    cells.append(_not_graded(claim, root, d, "claims"))
                     continue
                 tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
                 cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
@@ -73,7 +73,7 @@ def render(root: str | Path) -> str:
                 for p, d in cols:
                     e = next((g for g in d.get("goals", []) if g["id"] == goal.id), None)
                     if e is None:
-                        cells.append(_not_graded(goal))
+                        cells.append(_not_graded(goal, root, d, "goals"))
                         continue
                     goal_tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
                     cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
@@ -88,8 +88,13 @@ def render(root: str | Path) -> str:
     return "\n".join(lines + body).rstrip() + "\n"
 
 
-def _not_graded(spec) -> str:
-    return f"declared {spec.pending[:10]}, not yet run" if spec.pending else "not graded"
+def _not_graded(spec, root: Path, data: dict, kind: str) -> str:
+    if spec.pending:
+        return f"declared {spec.pending[:10]}, not yet run"
+    later = ledger.graded_later(root, data, kind, spec.id)
+    if later is not None:
+        return f"declared after this run (first run: {_short_device(later['fingerprint']['device'])})"
+    return "not graded"
 
 
 def _stable(stab: dict, chapter: str, cid: str, log: list[str]) -> str:
