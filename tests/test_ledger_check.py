@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from unittest import mock
@@ -436,3 +437,20 @@ def test_a_staged_notebook_that_records_one_value_where_replicates_are_declared_
     claims.write_text(claims.read_text().replace("profiles: {smoke: reduced, gpu: reduced}\n    replicates: 3",
                                                  "profiles: {smoke: reduced}\n    replicates: 3", 1))
     assert not [p for p in check(course) if "passes one value" in p]
+
+
+def test_a_rerun_patch_must_still_apply(course):
+    """Edits to shown code wait in chapters/<chapter>/rerun.patch until the chapter's next run; `repro check`
+    fails once the code they edit has moved under them."""
+    f = course / "chapters" / "00_selftest" / "notes.txt"
+    f.write_text("one\ntwo\n")
+    git_commit(course, "a file to patch")
+    f.write_text("one\n2\n")
+    diff = subprocess.run(["git", "diff"], cwd=course, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["git", "checkout", "--", "."], cwd=course, check=True)
+    (course / "chapters" / "00_selftest" / "rerun.patch").write_text(diff)
+    gpu_ledger(course)
+    assert check(course) == []
+    f.write_text("one\nzwei\n")  # the code moved: the patch's context no longer matches
+    problems = check(course)
+    assert len(problems) == 1 and "rerun.patch: no longer applies" in problems[0], problems

@@ -20,7 +20,8 @@
   value there makes the run unpublishable, which otherwise shows only at the end of a device call);
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
   piece of code it shows with ``display.show`` is still, verbatim, in the chapter's modules (studied code
-  edited after the run means the run must be repeated);
+  edited after the run means the run must be repeated); edits to such code wait in the chapter's
+  ``rerun.patch``, which must still apply;
 - book/scoreboard.md is what ``repro scoreboard`` would write.
 """
 
@@ -171,6 +172,21 @@ def _git(root: Path, *args: str) -> str | None:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def check_rerun_patches(root: Path) -> list[str]:
+    """A chapter's ``rerun.patch`` (edits to code its published page shows, which land with its next run) still
+    applies to the working tree; without git there is nothing to check it with."""
+    problems = []
+    for f in sorted((root / "chapters").glob("*/rerun.patch")):
+        try:
+            r = subprocess.run(["git", "apply", "--check", str(f)], cwd=root, capture_output=True, text=True)
+        except OSError:
+            return []
+        if r.returncode:
+            problems.append(f"{f.relative_to(root)}: no longer applies ({r.stderr.strip().splitlines()[0][:160]}): "
+                            "rebase it on the code it edits")
+    return problems
 
 
 def ledger_versions(root: Path, rel: str) -> list[tuple[str, dict]]:
@@ -397,6 +413,7 @@ def check(root: str | Path) -> list[str]:
             for cid in sorted(set(stored) - {s.id for s in specs}):
                 problems.append(f"{rel}: {kind} {cid!r} is graded but no longer declared: rerun the chapter")
     problems += check_identity(root, chapters)
+    problems += check_rerun_patches(root)
     problems += check_corrections(root)
     problems += check_stability(root, chapters)
     from repro_utils import scoreboard  # late: the scoreboard reads this module's stability()
