@@ -2,11 +2,9 @@
 # Run chapters on a GPU machine that already has torch, triton and transformers but lacks the
 # course's other packages and the network (as the course's lent H100 does). From the repo root:
 #
-#   bash ../shared/tools/device-wheels.sh          # once, on a machine with the network: writes .whl/
-#   mkdir -p .data && cp -r "${REPRO_DATA_DIR:?set it to ../shared/data}"/. .data/   # the offline corpus and GPT-2 BPE
-#   (the ${...:?} stops the copy when the variable is unset: "$REPRO_DATA_DIR"/* would then copy the whole root
-#   file system; and .whl/ plus all of .data/ exceed the 64 MiB a device call carries: copy only the corpus a
-#   chapter reads, e.g. corpus-xl and tiktoken, and make .data/ an empty folder for chapters that read none)
+#   bash scripts/device-stage.sh CHAPTER            # .whl/ and .data/ for that chapter, within the 64 MiB a call carries
+#   (it copies only the corpus the chapter's gpu profile reads, and the GPT-2 BPE; never "$REPRO_DATA_DIR"/*, which
+#   with the variable unset is the whole root file system)
 #   REPRO_COMMIT=$(git rev-parse HEAD) bash scripts/gpu-box.sh OUT CHAPTER [CHAPTER ...] [-- -p key=value ...]
 #
 # Each chapter's executed notebook and ledger land in OUT/<chapter>/; bring that folder back and
