@@ -287,6 +287,19 @@ def test_inconclusive_on_one_device_and_decided_on_another_is_not_unstable(cours
 
 
 
+def run_grading_later_claim(course: Path, where: str) -> dict:
+    """A gpu run of the self-test chapter, started 2026-12-06, that also grades 'later-claim' (as claims.yaml now
+    declares it)."""
+    run = Run(chapter=load_chapter(course / "chapters" / "00_selftest"),
+              params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
+              started="2026-12-06T12:00:00+00:00", t0=time.time())
+    with mock.patch("repro_utils.run.reference_gpu", return_value=True):
+        run.record("uniform-mean", values=[0.5, 0.5001, 0.4999], setting="n=1000000, torch")
+        run.record("needs-gpu", 1.8, setting=where)
+        run.record("later-claim", 1.7, setting=where)
+    return run.to_dict()
+
+
 def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(course):
     """Pre-registration: a claim or goal marked pending (with its date) is accepted while no run grades it, shown
     on the scoreboard as declared but not yet run, and left out of a run that does not record it; once a run
@@ -311,14 +324,7 @@ def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(cou
         load_chapter(f.parent)
     # a run that grades it: the mark must go
     f.write_text(text.replace("claims:\n", "claims:\n" + PENDING_CLAIM, 1))
-    ch = load_chapter(f.parent)
-    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
-              started="2026-12-06T12:00:00+00:00", t0=time.time())
-    with mock.patch("repro_utils.run.reference_gpu", return_value=True):
-        run.record("uniform-mean", values=[0.5, 0.5001, 0.4999], setting="n=1000000, torch")
-        run.record("needs-gpu", 1.8, setting="H100")
-        run.record("later-claim", 1.7, setting="H100")
-    data = run.to_dict()
+    data = run_grading_later_claim(course, "H100")
     assert "pending" not in next(c for c in data["claims"] if c["id"] == "later-claim")["declared"]
     ledger.write(ledger.path_for(course, data), data)
     scoreboard.write(course)
@@ -334,14 +340,7 @@ def test_a_claim_declared_after_one_devices_run_is_excused_only_by_a_later_run_t
     f.write_text(f.read_text().replace("claims:\n", "claims:\n" + PENDING_CLAIM.replace(
         '    pending: "2026-12-05: graded by the next gpu run"\n', ""), 1))
     assert any("'later-claim' is declared but the run did not grade it" in p for p in check(course))
-    ch = load_chapter(f.parent)
-    run = Run(chapter=ch, params={"profile": "gpu", "seed": 0, "n": 1000000, "method": "torch"},
-              started="2026-12-06T12:00:00+00:00", t0=time.time())
-    with mock.patch("repro_utils.run.reference_gpu", return_value=True):
-        run.record("uniform-mean", values=[0.5, 0.5001, 0.4999], setting="n=1000000, torch")
-        run.record("needs-gpu", 1.8, setting="H200")
-        run.record("later-claim", 1.7, setting="H200")
-    data = run.to_dict()
+    data = run_grading_later_claim(course, "H200")
     data["fingerprint"]["device"] = "NVIDIA H200"
     newer = ledger.path_for(course, data)
     assert newer != older
