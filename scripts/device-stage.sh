@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage what one chapter's gpu run carries to the offline GPU machine, within the 64 MiB a device call carries:
 # .whl/ (the wheels its image lacks: chapter 02 adds reasoning-gym's) and .data/ (the corpus its gpu profile reads,
-# from claims.yaml's `corpus` parameter, plus the GPT-2 BPE that tokenizes it; empty for chapters that read none).
+# its `corpus` parameter as the gpu profile resolves it, plus the GPT-2 BPE that tokenizes it; empty for chapters that read none).
 #
 #   bash scripts/device-stage.sh 05_moe_routing     # then carry=[".whl", ".data"] and scripts/gpu-box.sh
 set -euo pipefail
@@ -11,14 +11,12 @@ cd "$root"
 data=${REPRO_DATA_DIR:-$root/../shared/data}
 [ -f "chapters/$ch/claims.yaml" ] || { echo "device-stage: no chapter $ch under chapters/" >&2; exit 1; }
 if [ "$ch" = 02_grpo ]; then bash scripts/ch02-wheels.sh; else bash ../shared/tools/device-wheels.sh; fi
-corpus=$(python3 - "chapters/$ch/claims.yaml" <<'EOF'
+corpus=$(PYTHONPATH="$root/src" python3 -c '
 import sys
-import yaml
-p = (yaml.safe_load(open(sys.argv[1])).get("parameters") or {}).get("corpus") or {}
-d = p.get("default")
-print((d.get("gpu") if isinstance(d, dict) else d) or "")
-EOF
-)
+from repro_utils.claims import load_chapter
+from repro_utils.profiles import resolve
+print(resolve(load_chapter(sys.argv[1]).parameters, {"profile": "gpu"}, cuda=True).get("corpus") or "")
+' "chapters/$ch")
 rm -rf --one-file-system .data
 mkdir .data
 if [ -n "$corpus" ]; then
