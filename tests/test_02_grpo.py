@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -406,3 +407,97 @@ def test_continued_sft_arm_keeps_its_learning_rate(problems):
     assert len(losses) == 3 and all(np.isfinite(losses))
     with pytest.raises(ValueError):
         G.sft(model, tok, problems, steps=1, batch_size=2, lr=1e-3, schedule="linear")
+
+
+def _step_grads(problems, micro_batch):
+    """The gradient of G.sft's first step (captured where it clips), from a fresh seeded policy."""
+    tok = G.char_tokenizer()
+    model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0)
+    seen, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def record(params, *a, **k):
+        params = list(params)
+        seen.append([p.grad.detach().clone() for p in params])
+        return clip(params, *a, **k)
+
+    with mock.patch.object(torch.nn.utils, "clip_grad_norm_", record):
+        losses = G.sft(model, tok, problems, steps=1, batch_size=8, lr=1e-3, schedule="constant",
+                       micro_batch=micro_batch)
+    return seen[0], losses[0]
+
+
+def test_sft_micro_batches_give_the_whole_batch_gradient(problems):
+    whole, loss = _step_grads(problems, 0)
+    for mb in (3, 8):  # an uneven split (3 + 3 + 2 sequences of different lengths) and one part
+        parts, part_loss = _step_grads(problems, mb)
+        assert part_loss == pytest.approx(loss, rel=1e-6)
+        for a, b in zip(whole, parts):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # the test can fail: an unweighted mean over micro-batches is not the batch's mean-token gradient
+    tok = G.char_tokenizer()
+    X, M, Y = G.encode_sft(tok, problems[:8])
+    counts = (Y[:, 1:] != -100).sum(1)
+    assert len(set(counts[:3].tolist() + counts[6:].tolist())) > 1
+    with pytest.raises(ValueError, match="micro_batch"):
+        G.sft(G.tiny_policy(tok, d_model=32, n_layers=1), tok, problems, steps=1, batch_size=2, lr=1e-3, micro_batch=-1)
+
+
+def test_continued_sft_arm_uses_the_grpo_arms_adamw(problems):
+    """The continued-SFT arm differs from GRPO only in what it learns from: AdamW as TRL sets it for GRPO (betas
+    (0.9, 0.999), no weight decay); the warm-up keeps nanoGPT's (0.9, 0.95) and 0.01."""
+    from transformers import TrainingArguments
+
+    tok = G.char_tokenizer()
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        made.append(kw)
+        return real(params, **kw)
+
+    with mock.patch.object(torch.optim, "AdamW", spy):
+        for schedule in ("constant", "cosine"):
+            G.sft(G.tiny_policy(tok, d_model=32, n_layers=1), tok, problems, steps=1, batch_size=2, lr=1e-3,
+                  schedule=schedule)
+    trl_args = TrainingArguments(output_dir="unused", report_to=[])
+    assert made[0]["betas"] == (trl_args.adam_beta1, trl_args.adam_beta2) and made[0]["weight_decay"] == 0.0
+    assert made[1]["betas"] == (0.9, 0.95) and made[1]["weight_decay"] == 0.01
+
+
+def test_grpo_micro_batches_accumulate_to_the_whole_step(tmp_path, problems):
+    """micro_batch splits a step's completions into gradient-accumulation passes: one generation per optimizer
+    step, and the same gradient as the whole batch (TRL divides each pass's loss by the number of passes)."""
+    from transformers import TrainerCallback
+
+    tok = G.char_tokenizer()
+    G.tiny_policy(tok, d_model=32, n_layers=1, seed=0).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rows = [{"prompt": G.prompt_of(e), "entry": json.dumps(e)} for e in problems[:4]]
+
+    def parity_reward(completions, completion_ids, trainer_state=None, **kwargs):
+        calls.append(len(completion_ids))
+        return [float(ids[0] % 2) for ids in completion_ids]
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append([p.grad.detach().clone() for p in model.parameters() if p.grad is not None])
+
+    out = {}
+    for mb in (0, 4):
+        calls, grads = [], []
+        torch.manual_seed(0)
+        trainer = G.grpo_trainer(str(tmp_path / "policy"), tok, rows, parity_reward, loss_type="grpo", steps=1,
+                                 group_size=4, prompts_per_step=2, lr=1e-3, beta=0.04, max_completion_length=12,
+                                 seed=0, output_dir=str(tmp_path / f"out{mb}"), cuda=False, micro_batch=mb)
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (
+            (8, 1) if mb == 0 else (4, 2))
+        trainer.add_callback(Grads())
+        trainer.train()
+        assert calls == [8] and len(grads) == 1  # one generation of all 8 completions, one optimizer step
+        out[mb] = grads[0]
+    for a, b in zip(out[0], out[4]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="micro_batch"):
+        G.grpo_trainer(str(tmp_path / "policy"), tok, rows, parity_reward, loss_type="grpo", steps=1, group_size=4,
+                       prompts_per_step=2, lr=1e-3, beta=0.04, max_completion_length=12, seed=0,
+                       output_dir=str(tmp_path / "bad"), cuda=False, micro_batch=3)

@@ -729,6 +729,34 @@ def test_lean_config_rejects_impossible_tiles():
             assert all(K % (c.SPLIT_K * c.k_step()) == 0 for c in cands)
 
 
+def test_the_tuner_offers_one_lean_tile_at_one_token(monkeypatch):
+    """int4_candidates adds the probes' lean tile (v2, 128 columns, 4 x 8 word rows, two steps a program) at one
+    token only, and none when FP16_SUMS is off (inputs that fp16 sums of 32 products could overflow)."""
+    monkeypatch.setattr(ptq, "NUM_SMS", 132)
+    lean = {(N, K): [c for c in ptq.int4_candidates(1, N, K) if isinstance(c, ptq.Int4LeanConfig)]
+            for N, K in ((14336, 4096), (4096, 14336), (1024, 4096))}
+    # the H200 probe's fastest lean configurations of the two MLP shapes (calibration/h200-fa21a00-...)
+    assert lean[14336, 4096] == [ptq.Int4LeanConfig("v2", 128, 4, 8, SPLIT_K=8)]
+    assert lean[4096, 14336] == [ptq.Int4LeanConfig("v2", 128, 4, 8, SPLIT_K=28)]
+    assert lean[1024, 4096] == []  # 8 column blocks x 8 splits: fewer programs than SMs
+    assert not any(isinstance(c, ptq.Int4LeanConfig) for c in ptq.int4_candidates(16, 14336, 4096))
+    monkeypatch.setattr(ptq, "FP16_SUMS", False)
+    assert not any(isinstance(c, ptq.Int4LeanConfig) for c in ptq.int4_candidates(1, 14336, 4096))
+
+
+@needs_triton
+def test_int4_matmul_and_the_tuned_dispatch_run_a_lean_config(monkeypatch):
+    w4, g = lean_weight(200, 384, 128, seed=3)
+    x = torch.randn(1, 384, generator=g).to(torch.bfloat16)
+    c = ptq.Int4LeanConfig("v2", 128, 2, 4, num_warps=2)
+    want = ptq.int4_gemv_lean(x, w4, c)
+    assert torch.equal(ptq.int4_matmul(x, w4, c), want)
+    monkeypatch.setitem(ptq.INT4_TUNED, (200, 384, 1), c)  # as tune_int4 leaves it when the lean tile wins
+    assert torch.equal(ptq.int4_linear(x, w4), want)
+    with pytest.raises(ValueError, match="1 to 4 tokens"):
+        ptq.int4_matmul(torch.zeros(5, 384, dtype=torch.bfloat16), w4, c)
+
+
 @needs_triton
 @pytest.mark.parametrize("M,N,K,G,config", [
     (1, 200, 384, 128, ptq.Int4LeanConfig("v2", 128, 2, 4, num_warps=2)),  # masked columns, 6 steps of half a group

@@ -260,38 +260,47 @@ def encode_sft(tokenizer, entries: list[dict], device="cpu", check_prob: float =
 
 
 def sft(model, tokenizer, pool: list[dict], *, steps: int, batch_size: int, lr: float, seed: int = 0,
-        device="cpu", callback=None, every: int = 0, schedule: str = "cosine", filler_prob: float = 0.0) -> list[float]:
+        device="cpu", callback=None, every: int = 0, schedule: str = "cosine", filler_prob: float = 0.0,
+        micro_batch: int = 0) -> list[float]:
     """Supervised training on worked solutions (AdamW). Returns the losses.
 
-    ``schedule="cosine"``: the warm-up (linear warm-up, then cosine decay to 0 over ``steps``); ``"constant"``: the
-    continued-SFT arm that the RL arm is compared with (the same constant learning rate, steps and sequences per step
-    as GRPO). ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there); when it returns True
-    training stops at that step."""
+    ``schedule="cosine"``: the warm-up (linear warm-up, then cosine decay to 0 over ``steps``; AdamW as nanoGPT sets
+    it); ``"constant"``: the continued-SFT arm that the RL arm is compared with (the same constant learning rate,
+    steps and sequences per step as GRPO, and AdamW as TRL sets it for GRPO: betas (0.9, 0.999), no weight decay).
+    ``micro_batch``: sequences per forward pass (0: the whole batch at once); a step's gradient is summed over its
+    micro-batches, each weighted by its share of the batch's target tokens, so it is the whole batch's mean-token
+    gradient whatever the split. ``callback(step)`` runs every ``every`` steps (the chapter evaluates pass@1 there);
+    when it returns True training stops at that step."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
+    if micro_batch < 0:
+        raise ValueError(f"micro_batch must be 0 (whole batch) or positive, not {micro_batch}")
     model.to(device).train()
     X, M, Y = encode_sft(tokenizer, pool, device, seed=seed, filler_prob=filler_prob)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    betas, decay = ((0.9, 0.95), 0.01) if schedule == "cosine" else ((0.9, 0.999), 0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=decay)
     warm = max(1, steps // 20)
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
-    elif schedule == "constant":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    else:
-        raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1.0) if schedule == "constant" else (
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
     gen = torch.Generator().manual_seed(seed)
     use_bf16 = str(device).startswith("cuda")
     losses = []
     for step in range(steps):
         idx = torch.randint(0, len(X), (batch_size,), generator=gen).to(X.device)
-        T = int(M[idx].sum(1).max())                                  # trim the batch to its longest sequence
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=X[idx, :T], attention_mask=M[idx, :T], labels=Y[idx, :T]).loss
-        loss.backward()
+        targets = (Y[idx, 1:] != -100).sum()                          # the tokens the batch's mean loss is over
+        step_loss = 0.0
+        for part in idx.split(micro_batch or batch_size):
+            T = int(M[part].sum(1).max())                             # trim to the micro-batch's longest sequence
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = model(input_ids=X[part, :T], attention_mask=M[part, :T], labels=Y[part, :T]).loss
+            share = (Y[part, 1:T] != -100).sum() / targets               # 1 when the batch is one part
+            (loss * share).backward()
+            step_loss = step_loss + loss.detach() * share
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(step_loss)
         if callback is not None and every and (step + 1) % every == 0:
             stop = callback(step + 1)
             model.train()
@@ -379,13 +388,21 @@ def chat_prompt(entry: dict) -> list[dict]:
 
 def grpo_trainer(policy: str, tokenizer, rows: list[dict], reward_fn, *, loss_type: str, steps: int,
                  group_size: int, prompts_per_step: int, lr: float, beta: float, max_completion_length: int,
-                 seed: int, output_dir: str, cuda: bool):
+                 seed: int, output_dir: str, cuda: bool, micro_batch: int = 0):
     """TRL's GRPOTrainer with every field this chapter sets. ``policy``: a hub id or a folder written by
     ``save_pretrained`` (TRL loads the reference model from the same path when beta > 0).
 
     rows: {"prompt": str or chat messages, "entry": json of the reasoning-gym problem} per training prompt.
     loss_type "grpo" pairs with std scaling of the rewards (DeepSeekMath); "dr_grpo" with none (Dr. GRPO).
+    micro_batch: completions per forward pass (0: the whole step at once). A step still generates all
+    prompts_per_step × group_size completions at once and computes their advantages over whole groups; TRL then
+    splits them into gradient_accumulation_steps micro-batches, and both loss types divide each micro-batch's loss by
+    their number, which for equal micro-batches is the whole batch's loss.
     """
+    completions = prompts_per_step * group_size
+    per_pass = micro_batch if 0 < micro_batch < completions else completions
+    if micro_batch < 0 or completions % per_pass:
+        raise ValueError(f"micro_batch ({micro_batch}) must be 0 or divide the {completions} completions of a step")
     import datasets
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -393,7 +410,8 @@ def grpo_trainer(policy: str, tokenizer, rows: list[dict], reward_fn, *, loss_ty
     args = GRPOConfig(
         output_dir=output_dir, seed=seed, max_steps=steps, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, bf16=cuda, use_cpu=not cuda,
-        per_device_train_batch_size=prompts_per_step * group_size,  # completions per step (TRL counts completions)
+        per_device_train_batch_size=per_pass,                          # completions per forward (TRL counts completions)
+        gradient_accumulation_steps=completions // per_pass,           # one generation batch per optimizer step
         num_generations=group_size,                                    # G completions of each prompt
         max_completion_length=max_completion_length, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,

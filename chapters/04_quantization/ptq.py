@@ -671,7 +671,8 @@ def m_bucket(M: int) -> int:
     return 1 if M == 1 else 16 if M <= 16 else 32 if M <= 32 else 64
 
 
-INT4_TUNED: dict[tuple[int, int, int], Int4Config] = {}  # (N, K, m_bucket) -> the fastest config measured
+INT4_TUNED: dict[tuple[int, int, int], Int4Config | Int4LeanConfig] = {}  # (N, K, m_bucket) -> fastest measured
+FP16_SUMS = True  # the tuner may pick the lean GEMV, whose sums of 32 products are fp16: inputs below ~2,000 only
 NUM_SMS = 132  # an H100 SXM; replaced by the real count on a GPU (used to size the grid)
 
 
@@ -683,7 +684,7 @@ def split_for(N: int, K: int, block_n: int, block_m: int, M: int, waves: float) 
     return next((s for s in ok if tiles * s >= waves * NUM_SMS), ok[-1])
 
 
-def int4_config(M: int, N: int, K: int) -> Int4Config:
+def int4_config(M: int, N: int, K: int) -> Int4Config | Int4LeanConfig:
     """The configuration ``tune_int4`` measured fastest on this GPU, else a default (the fastest ones of the
     development runs on an H100): the CUDA-core GEMV for one token, the tensor-core kernel from two on,
     with enough programs to occupy every SM twice."""
@@ -696,10 +697,13 @@ def int4_config(M: int, N: int, K: int) -> Int4Config:
     return Int4Config("mma", bm, 128, split_for(N, K, 128, bm, M, 2), num_stages=3)
 
 
-def int4_candidates(M: int, N: int, K: int) -> list[Int4Config]:
+def int4_candidates(M: int, N: int, K: int) -> list[Int4Config | Int4LeanConfig]:
     """What ``tune_int4`` tries for one problem: a few tile shapes, each with the split-K that makes about
     2, 4 or 8 programs per SM (programs are short; several per SM hide each other's memory latency).
-    One token tries both kernels; more tokens, the tensor-core kernel with BLOCK_M = 16, 32 or 64."""
+    One token tries both kernels, and (where ``FP16_SUMS``) the lean GEMV of section 4b on the tile that was
+    fastest or within 5% of it in the H100 and H200 probes (calibration/*lean-probe*): 128 columns, 4 warp rows
+    of 8 word rows, two steps a program (each of its shapes is a compile of its own, so one tile only).
+    More tokens: the tensor-core kernel with BLOCK_M = 16, 32 or 64."""
     b = m_bucket(M)
     C = Int4Config
     out = []
@@ -712,6 +716,9 @@ def int4_candidates(M: int, N: int, K: int) -> list[Int4Config]:
         for waves in ((2, 4) if b == 1 else (1, 2, 4)):
             bm = max(16, b)
             out.append(C("mma", bm, bn, split_for(N, K, bn, bm, M, waves), 4, stages))
+    if b == 1 and FP16_SUMS:
+        out += [c for c in int4_lean_candidates(M, N, K, kernel="v2")
+                if (c.BLOCK_N, c.RW, c.TR) == (128, 4, 8) and K // (c.SPLIT_K * c.k_step()) == 2]
     out = list(dict.fromkeys(out))  # distinct, in order
     return [c for c in out if (K // c.SPLIT_K) % c.k_step() == 0]
 
@@ -728,11 +735,12 @@ def _workspace(device, numel: int, tiles: int):
     return ws, cnt
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Weight, config: Int4Config | None = None) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, w: Int4Weight, config: Int4Config | Int4LeanConfig | None = None) -> torch.Tensor:
     """y = x Wᵀ with W in 4 bits, read once from memory and dequantized in registers (Triton).
 
     One kernel launch, also with split-K. Split-K calls share one workspace per device, so calls must not
-    run concurrently on different streams (the chapter uses one stream)."""
+    run concurrently on different streams (the chapter uses one stream). A lean configuration (tuned for one
+    token, see ``int4_candidates``) runs ``int4_gemv_lean``."""
     N, K = w.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {K}")
@@ -741,6 +749,8 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight, config: Int4Config | None = None
         x2 = x2.contiguous()
     M = x2.shape[0]
     c = config or int4_config(M, N, K)
+    if isinstance(c, Int4LeanConfig):
+        return int4_gemv_lean(x, w, c)
     if K % (c.SPLIT_K * c.k_step()):
         raise ValueError(f"K={K} is not a multiple of SPLIT_K · {c.k_step()} = {c.SPLIT_K * c.k_step()}")
     k_iters = K // (c.SPLIT_K * c.k_step())
