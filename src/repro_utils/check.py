@@ -12,8 +12,9 @@
 - a claim's metric, unit and tests never change under the same id across published runs (evidence
   standard, rule 7): a changed metric is a new claim;
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
-- a claim given two different decided grades on two devices (or by two runs of one device at the same
-  protocol) is *unstable*, and needs a dated line in book/corrections.md that explains it;
+- a claim graded two different ways on two devices (or by two runs of one device at the same protocol),
+  counting an Unverified that the measurement itself produced (inconclusive, could not fail, no power), is
+  *unstable*, and needs a dated line in book/corrections.md that explains it;
 - a staged next version of a chapter's notebook (``<chapter>.next.ipynb``) has no outputs, declares the
   chapter's parameters (the published notebook may then lack parameters added for it), and passes ``values=``
   wherever it records, by a literal id, a claim or goal that declares replicates for a gpu or full run (one
@@ -37,6 +38,7 @@ import nbformat
 
 from repro_utils import ledger
 from repro_utils.claims import Claim, ClaimsError, Goal, load_chapter
+from repro_utils.grading import unverified_kind
 from repro_utils.profiles import COMMON
 
 
@@ -308,8 +310,9 @@ def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
             continue  # reported by check() itself
         device = data["fingerprint"]["device"]
         for c in _entries(data):
-            rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "flips": []})
+            rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "flips": [], "decisive": {}})
             rec["grades"][device] = c["grade"]
+            rec["decisive"][device] = _decisive(c)
             rec["views"][device] = json.dumps(_view(c), sort_keys=True)
         rel = str(f.relative_to(root))
         versions = ledger_versions(root, rel)
@@ -319,20 +322,36 @@ def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
             old = {c["id"]: c for c in _entries(a)}
             for c in _entries(b):
                 o = old.get(c["id"])
-                if o and _conflict(o["grade"], c["grade"]) and _view(o) == _view(c) and c["id"] in out:
+                if o and _conflict(o, c) and _view(o) == _view(c) and c["id"] in out:
                     out[c["id"]]["flips"].append(f"{device}: {o['grade']} then {c['grade']} ({lbl})")
     for rec in out.values():
         same_protocol = len(set(rec["views"].values())) == 1
-        decided = {g for g in rec["grades"].values() if g != "Unverified"}
-        rec["unstable"] = bool(rec["flips"]) or (same_protocol and len(decided) > 1)
+        decisive = {rec["grades"][d] for d, ok in rec["decisive"].items() if ok}
+        rec["unstable"] = bool(rec["flips"]) or (same_protocol and len(decisive) > 1)
     return out
 
 
-def _conflict(a: str, b: str) -> bool:
-    """Two grades contradict each other when both decide and differ. Unverified (untested or inconclusive)
-    against a decided grade is no contradiction: the interval sat on the bar in one run and cleared it in the
-    other (the grade change still needs its Corrections line, as every grade change does)."""
-    return a != b and "Unverified" not in (a, b)
+# Unverified after a measurement under the declared protocol: the measurement itself landed there (its interval
+# straddled a bar, or its control's did, or the control failed). Against a decided grade from the same protocol
+# that is a grade the draw decided (evidence standard, rule 9). "Not tested", "too few replicates" and
+# "substitute" mean the protocol was not carried out, so they contradict nothing.
+MEASURED_UNVERIFIED = ("inconclusive", "could not fail", "no power")
+
+
+def _decisive(entry: dict) -> bool:
+    """Whether an entry's grade came out of carrying out its protocol: a decided rung, or Unverified because of
+    what the measurement showed (not because it was not made)."""
+    if entry["grade"] != "Unverified":
+        return True
+    return unverified_kind(entry.get("reason", "")) in MEASURED_UNVERIFIED
+
+
+def _conflict(a: dict, b: dict) -> bool:
+    """Two entries contradict each other when both carried out the protocol and their grades differ. That
+    includes an interval that sat on the bar in one run and cleared it in another (rule 9: the grade differs
+    between runs, so the protocol cannot decide it yet). Unverified because a run did not test the claim (or
+    had too few replicates, or measured a substitute) is no contradiction."""
+    return a["grade"] != b["grade"] and _decisive(a) and _decisive(b)
 
 
 def _view(entry: dict) -> dict:
