@@ -67,8 +67,8 @@ def render(root: str | Path) -> str:
                         + f" | {_stable(stab, ch.id, claim.id, log)} |")
         if ch.goals:
             body.append("\n**Goals** (the course's own targets)\n")
-            body.append("| goal | target | " + " | ".join(heads) + " |")
-            body.append("|---|---|" + "---|" * len(cols))
+            body.append("| goal | target | " + " | ".join(heads) + " | stable? |")
+            body.append("|---|---|" + "---|" * len(cols) + "---|")
             for goal in ch.goals:
                 cells = []
                 for p, d in cols:
@@ -78,7 +78,8 @@ def render(root: str | Path) -> str:
                         continue
                     goal_tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
                     cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
-                body.append(f"| {goal.id} | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells) + " |")
+                body.append(f"| {goal.id} | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells)
+                            + f" | {_stable(stab, ch.id, goal.id, log)} |")
     summary = []
     for dev in sorted(set(tallies) | set(goal_tallies)):
         t, g = tallies.get(dev, Counter()), goal_tallies.get(dev, Counter())
