@@ -501,3 +501,29 @@ def test_grpo_micro_batches_accumulate_to_the_whole_step(tmp_path, problems):
         G.grpo_trainer(str(tmp_path / "policy"), tok, rows, parity_reward, loss_type="grpo", steps=1, group_size=4,
                        prompts_per_step=2, lr=1e-3, beta=0.04, max_completion_length=12, seed=0,
                        output_dir=str(tmp_path / "bad"), cuda=False, micro_batch=3)
+
+
+def test_grpo_trainer_learns_a_learnable_reward(tmp_path, problems):
+    """End to end through the chapter's trainer (TRL's GRPOTrainer with the chapter's settings): on a reward the
+    policy can learn in a few steps (the parity of the first completion token), the batch's mean reward rises.
+    Both published gpu runs saw GRPO lower held-out pass@1; this rules out a sign or plumbing error as the cause
+    (the same seeds give the same rewards on the CPU: 0.50 over the first ten steps, 0.78 over the last ten)."""
+    tok = G.char_tokenizer()
+    G.tiny_policy(tok, d_model=32, n_layers=1, seed=0).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rows = [{"prompt": G.prompt_of(e), "entry": json.dumps(e)} for e in problems[:16]]
+    means: list[float] = []
+
+    def parity_reward(completions, completion_ids, trainer_state=None, **kwargs):
+        rewards = [float(ids[0] % 2) for ids in completion_ids]
+        means.append(sum(rewards) / len(rewards))
+        return rewards
+
+    torch.manual_seed(0)
+    trainer = G.grpo_trainer(str(tmp_path / "policy"), tok, rows, parity_reward, loss_type="grpo", steps=40,
+                             group_size=8, prompts_per_step=4, lr=3e-3, beta=0.04, max_completion_length=4, seed=0,
+                             output_dir=str(tmp_path / "out"), cuda=False)
+    trainer.train()
+    assert len(means) == 40
+    first, last = np.mean(means[:10]), np.mean(means[-10:])
+    assert last >= first + 0.15, (first, last, means)
