@@ -54,14 +54,7 @@ def render(root: str | Path) -> str:
         body.append("| claim | unit | scale | " + " | ".join(heads) + " | stable? |")
         body.append("|---|---|---|" + "---|" * len(cols) + "---|")
         for claim in ch.claims:
-            cells = []
-            for p, d in cols:
-                e = next((c for c in d["claims"] if c["id"] == claim.id), None)
-                if e is None:
-                    cells.append(_not_graded(claim, root, d, "claims"))
-                    continue
-                tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
-                cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
+            cells = _cells(claim, "claims", cols, root, tallies)
             scales = ", ".join(f"{p}: {s}" for p, s in claim.profiles.items() if p != "smoke") or "—"
             body.append(f"| {claim.id} | {claim.unit or '—'} | {scales} | " + " | ".join(cells)
                         + f" | {_stable(stab, ch.id, claim.id, log)} |")
@@ -70,14 +63,7 @@ def render(root: str | Path) -> str:
             body.append("| goal | target | " + " | ".join(heads) + " | stable? |")
             body.append("|---|---|" + "---|" * len(cols) + "---|")
             for goal in ch.goals:
-                cells = []
-                for p, d in cols:
-                    e = next((g for g in d.get("goals", []) if g["id"] == goal.id), None)
-                    if e is None:
-                        cells.append(_not_graded(goal, root, d, "goals"))
-                        continue
-                    goal_tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
-                    cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
+                cells = _cells(goal, "goals", cols, root, goal_tallies)
                 body.append(f"| {goal.id} | {describe_test(goal.target, unit_of[goal.id])} | " + " | ".join(cells)
                             + f" | {_stable(stab, ch.id, goal.id, log)} |")
     summary = []
@@ -88,6 +74,20 @@ def render(root: str | Path) -> str:
         summary.append(f"- **{dev}:** claims: {claims_part}; goals: {goals_part}.")
     lines.append("\n**In all**, per device and profile:\n\n" + ("\n".join(summary) or "no graded claims yet") + "\n")
     return "\n".join(lines + body).rstrip() + "\n"
+
+
+def _cells(spec, kind: str, cols: list[tuple[str, dict]], root: Path, tallies: dict[str, Counter]) -> list[str]:
+    """One table cell per published run for a claim or goal (``kind``: "claims" or "goals"), counting each grade
+    into ``tallies`` under its device and profile."""
+    cells = []
+    for p, d in cols:
+        e = next((x for x in d.get(kind, []) if x["id"] == spec.id), None)
+        if e is None:
+            cells.append(_not_graded(spec, root, d, kind))
+            continue
+        tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
+        cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
+    return cells
 
 
 def _not_graded(spec, root: Path, data: dict, kind: str) -> str:
