@@ -77,8 +77,9 @@ def test_command_line_refuses_bad_arguments(tmp_path, capsys):
 def test_estimate_is_the_prior_scaled_by_the_slowest_measured_ratio():
     P = C.setting_params(C.SETTINGS["t2-4_d1-5"])
     prior = C.prior_s(P)
-    # 8 s of problems + 65 s of warm-up + 24 s x 152/128 of evaluation, from the H200 call at 8f8ced7
-    assert prior == pytest.approx(8 + 65 + 24 * 152 / 128)
+    # 8 s of problems + 65 s of warm-up per 1,200 steps (2,400 declared) + 24 s x 152/128 of evaluation, from the
+    # H200 call at 8f8ced7
+    assert prior == pytest.approx(8 + 65 * 2400 / 1200 + 24 * 152 / 128)
     assert C.estimate_s(P, [], cuda=True) == prior and C.estimate_s(P, [], cuda=False) == 0.0
     assert C.estimate_s(P, [(100.0, 50.0), (100.0, 80.0)], cuda=True) == pytest.approx(0.8 * prior)
 
@@ -92,8 +93,8 @@ def test_dry_run_writes_the_json_and_the_budget_skips_what_would_not_fit(tmp_pat
     got = strict_json(out)
     assert got["parts"].keys() == {"t2-4_d1-5", "huge"} and got["profile"] == "dry-run"
     assert got["settings"]["t2-4_d1-5"] == {"max_terms": 4, "min_digits": 1, "max_digits": 5,
-                                            "max_completion_length": 152, "model_dim": 256,
-                                            "model_layers": 4}  # as the GPU runs it
+                                            "max_completion_length": 152, "model_dim": 128,
+                                            "model_layers": 2, "sft_steps": 2400}  # as the GPU runs it
     assert got["parameters"]["max_digits"] == 5 and got["window"] == {"pass1": [0.3, 0.6], "pass_kmax": [0.6, 0.8]}
     r = got["parts"]["t2-4_d1-5"]
     assert "error" not in r and "skipped" not in r, r

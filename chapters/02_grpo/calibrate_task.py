@@ -96,6 +96,9 @@ from repro_utils.claims import load_chapter  # noqa: E402
 from repro_utils.profiles import resolve  # noqa: E402
 from repro_utils.run import seed_everything  # noqa: E402
 
+# Since 2026-12-05 the gpu profile declares the 128-wide, 2-layer policy with 2,400 warm-up steps (claims.yaml, model_dim),
+# so a setting that names no model_dim, model_layers or sft_steps now runs that policy, not the 256-wide, 4-layer one of
+# the calls at 8f8ced7 and 58fc592.
 SETTINGS = {  # name: the chapter parameters it changes (max_completion_length follows: see setting_params)
     "t2-4_d1-5": dict(max_terms=4, min_digits=1, max_digits=5),
     "t2-4_d2-5": dict(max_terms=4, min_digits=2, max_digits=5),
@@ -184,7 +187,9 @@ def setting_params(overrides: dict, *, seed: int = 0, n_positions: int = 256) ->
 def dry_params(overrides: dict, *, seed: int = 0) -> dict:
     """A dry run's parameters for one setting: the smoke profile's, shrunk further by ``DRY``, with the setting's
     ``overrides`` (its task, and anything else it sets explicitly)."""
-    overrides = {k: v for k, v in overrides.items() if k != "sft_steps"}  # a dry run keeps DRY's few warm-up steps
+    if "sft_steps" in overrides:  # a dry run shrinks a setting's warm-up as it shrinks the gpu profile's: 2,400 -> DRY's
+        declared = setting_params({})["sft_steps"]
+        overrides = {**overrides, "sft_steps": max(1, round(DRY["sft_steps"] * overrides["sft_steps"] / declared))}
     return resolve(load_chapter(HERE).parameters, {"profile": "smoke", "seed": seed, **DRY, **overrides}, cuda=False,
                    chapter="02_grpo")
 
