@@ -4,6 +4,7 @@ CPU only, seconds. The Triton kernels run in Triton's interpreter (TRITON_INTERP
 set before the kernels are defined; it is restored afterwards so that no other test module sees it.
 """
 
+import copy
 import math
 import os
 import sys
@@ -142,7 +143,8 @@ def test_int4_kernel_needs_groups_of_128():
 
 @pytest.mark.parametrize("given", [{"bits": [9]}, {"bits": [4, 1]}, {"group_sizes": [100]}, {"group_sizes": 128},
                                    {"train_steps": 0}, {"damp": -0.1}, {"act_order": "yes"}, {"nbits": 4},
-                                   {"corpus": "wikitext"}, {"calib_draws": 0}, {"group_size": 128}])
+                                   {"corpus": "wikitext"}, {"calib_draws": 0}, {"group_size": 128},
+                                   {"opt_model": "facebook/opt-350m"}, {"opt_model": "opt-125m"}])
 def test_bad_notebook_parameters_raise(given):
     with pytest.raises(ParameterError):
         resolve(load_chapter(FOLDER).parameters, given, cuda=False)
@@ -151,6 +153,13 @@ def test_bad_notebook_parameters_raise(given):
 def test_parameters_resolve_for_smoke():
     p = resolve(load_chapter(FOLDER).parameters, {"profile": "smoke"}, cuda=False)
     assert p["bits"] == [4, 3] and p["group_sizes"] == [-1, 128] and p["calib_draws"] == 3
+
+
+def test_only_the_full_profile_loads_opt():
+    # GPTQ's own table needs the network: the smoke and gpu profiles never try to fetch OPT-125M
+    params = load_chapter(FOLDER).parameters
+    got = {prof: resolve(params, {"profile": prof}, cuda=True)["opt_model"] for prof in ("smoke", "gpu", "full")}
+    assert got == {"smoke": "none", "gpu": "none", "full": "facebook/opt-125m"}
 
 
 def test_fp8_rowwise_relative_error():
@@ -553,12 +562,14 @@ def test_gpu_record_cells_carry_their_replicates(tmp_path, monkeypatch):
          "['gate, up', 'down']\n", g)
     exec(cell('run.goal(gid, values=ratios(fns["bf16"], fns["int4_kernel"])'), g)
     exec(cell('run.goal("int4-kernel-e2e-2p5x"'), g)
-    for cid in ("gptq-4bit-rowwise", "gptq-3bit-rowwise", "fp8-quality-xl"):  # the smoke run executes those cells
+    for cid in ("gptq-4bit-rowwise", "gptq-3bit-rowwise", "gptq-opt125m-4bit", "gptq-opt125m-3bit",
+                "fp8-quality-xl"):  # the smoke run executes those cells
         run.untested(cid, "dry run")
     exec(cell("carries the replicates it declares"), g)
     data = run.finish(show=False)  # raises ReplicatesError if any record is short
     got = {e["id"]: len((e["measured"] or {}).get("values") or []) for e in data["claims"] + data["goals"]}
-    assert got == {"gptq-4bit-rowwise": 0, "gptq-3bit-rowwise": 0, "fp8-quality-xl": 0, "fp8-prefill-linears": 5,
+    assert got == {"gptq-4bit-rowwise": 0, "gptq-3bit-rowwise": 0, "gptq-opt125m-4bit": 0, "gptq-opt125m-3bit": 0,
+                   "fp8-quality-xl": 0, "fp8-prefill-linears": 5,
                    "int4-decode-m1": 0, "int4-decode-m16": 0, "int4-e2e-decode": 0, "fp8-e2e-prefill": 5,
                    "int4-kernel-m1": 5, "int4-kernel-m1-vs-tinygemm": 5, "int4-kernel-m16-marlin": 5,
                    "int4-kernel-e2e-2p5x": 5}
@@ -864,3 +875,262 @@ def test_int4_probe_dry_run_checks_its_configurations():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "ch04_int4_probe.py"), "--dry-run", "--ncu"],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout
     assert out.count("M = 1 rows") == 3 and all(f"'{k}':" in out for k in ("v2", "v3", "v4", "v5", "gemv_h2")), out
+
+
+
+# GPTQ's own table (claims gptq-opt125m-4bit and -3bit): the Hugging Face path, on a tiny random OPT built here (the
+# real OPT-125M needs the network, which tests never use).
+
+def tiny_opt(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(seed)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def opt_calib(n=12, seqlen=32, seed=1):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def inputs_hessians(model, block_index, calib, chunk):
+    """Each linear layer's Hessian in block ``block_index`` of ``model``, from the inputs the layer receives when the
+    whole model runs on ``calib`` (the model's own forward pass, not the per-block path under test)."""
+    linear = ptq.block_linears(ptq.decoder_blocks(model)[block_index])
+    acc = {n: ptq.HessianAccumulator(m.in_features) for n, m in linear.items()}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linear.items()]
+    with torch.no_grad():
+        for c in calib.split(chunk):
+            model(input_ids=c, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {n: a.H for n, a in acc.items()}
+
+
+def test_gptq_decoder_quantizes_every_linear_layer_of_every_block():
+    model = tiny_opt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q, dead = ptq.gptq_quantize_decoder(model, opt_calib(), 3, chunk=4)
+    names = [f"{i}.{n}" for i, b in enumerate(ptq.decoder_blocks(model)) for n in ptq.block_linears(b)]
+    assert sorted(dead) == sorted(names) and len(names) == 2 * 6  # q, k, v, out_proj, fc1, fc2 in each block
+    quantized = {f"model.decoder.layers.{n}.weight" for n in names}
+    for key, w in q.state_dict().items():
+        if key in quantized:  # on a 3-bit grid: at most 8 values per row, and moved from the original
+            assert all(len(row.unique()) <= 8 for row in w) and not torch.equal(w, before[key]), key
+        else:  # embeddings, positions, layer norms, biases and the output layer are left alone
+            assert torch.equal(w, before[key]), key
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself is unchanged
+
+
+def test_gptq_decoder_uses_the_hessian_of_each_layers_actual_inputs():
+    # block i's layers must get GPTQ with the Hessian of the inputs they receive when blocks 0 ... i-1 are the quantized
+    # ones (opt.py's sequential setting), computed here by the whole model's forward pass on a hybrid: quantized
+    # blocks before i, the original block i
+    model, calib = tiny_opt(), opt_calib()
+    q, _ = ptq.gptq_quantize_decoder(model, calib, 4, chunk=4)
+    for i in range(2):
+        hybrid = copy.deepcopy(model)
+        for j in range(i):
+            ptq.decoder_blocks(hybrid)[j] = copy.deepcopy(ptq.decoder_blocks(q)[j])
+        H = inputs_hessians(hybrid, i, calib, chunk=4)
+        got = ptq.block_linears(ptq.decoder_blocks(q)[i])
+        for n, m in ptq.block_linears(ptq.decoder_blocks(model)[i]).items():
+            want = ptq.gptq(m.weight, H[n], 4, -1, damp=0.01).dequantize()
+            assert torch.allclose(got[n].weight, want, rtol=0, atol=1e-6), (i, n)
+    # the test can fail: block 1 quantized from the full-precision model's inputs (not sequential) comes out different
+    H_fp = inputs_hessians(model, 1, calib, chunk=4)
+    got = ptq.block_linears(ptq.decoder_blocks(q)[1])
+    differ = [(ptq.gptq(m.weight, H_fp[n], 4, -1).dequantize() != got[n].weight).float().mean().item()
+              for n, m in ptq.block_linears(ptq.decoder_blocks(model)[1]).items()]
+    assert min(differ) > 0.01, differ  # measured 6-19% of the weights per layer
+
+
+def test_rtn_decoder_rounds_each_block_linear_to_its_row_grid():
+    model = tiny_opt()
+    q = ptq.rtn_decoder(model, 4)
+    for b, qb in zip(ptq.decoder_blocks(model), ptq.decoder_blocks(q)):
+        for n, m in ptq.block_linears(b).items():
+            assert torch.equal(ptq.block_linears(qb)[n].weight, ptq.rtn(m.weight, 4, -1).dequantize()), n
+    assert torch.equal(q.lm_head.weight, model.lm_head.weight)
+
+
+def test_eval_windows_are_consecutive_and_drop_the_tail():
+    w = ptq.eval_windows(torch.arange(1000), 64)
+    assert w.shape == (15, 64)  # 1000 // 64 windows; the last 40 tokens make no window and are left out
+    assert all(torch.equal(w[k], torch.arange(64 * k, 64 * k + 64)) for k in range(15))  # no overlap, no gap
+    with pytest.raises(ValueError):
+        ptq.eval_windows(torch.arange(63), 64)
+
+
+def test_window_perplexity_runs_each_window_alone():
+    model = tiny_opt()
+    ids = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(2))
+    windows = ptq.eval_windows(ids, 64)
+    losses = []
+    with torch.no_grad():  # by hand: one window at a time, its first token never predicted
+        for w in windows:
+            logits = model(input_ids=w[None]).logits[0]
+            losses.append(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="none"))
+    want = math.exp(torch.cat(losses).mean().item())
+    for bs in (1, 2, 6):
+        assert math.isclose(ptq.window_perplexity(model, windows, batch_size=bs), want, rel_tol=1e-5)
+    # the test can fail: windows shifted by one token (the stream's first token dropped) score differently
+    assert not math.isclose(ptq.window_perplexity(model, ptq.eval_windows(ids[1:], 64)), want, rel_tol=1e-3)
+
+
+class ListTokenizer:
+    """A stand-in tokenizer: the numbers in a text are its token ids; it records every text it is given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, text):
+        import re
+
+        self.seen.append(text)
+        return {"input_ids": [int(t) for t in re.findall(r"\d+", text)]}
+
+
+def test_wikitext_rows_are_joined_with_blank_lines_and_tokenized_once():
+    tok = ListTokenizer()
+    ids = ptq.wikitext2_test_ids(tok, texts=["1,2", "", "3"])
+    assert tok.seen == ["1,2\n\n\n\n3"] and ids.tolist() == [1, 2, 3]
+
+
+def test_c4_calibration_draws_windows_of_long_enough_documents():
+    import random
+
+    g = torch.Generator().manual_seed(0)
+    docs = [list(range(1000 * d, 1000 * d + int(n))) for d, n in enumerate(torch.randint(10, 60, (50,), generator=g))]
+    texts = [",".join(map(str, d)) for d in docs]
+    calib = ptq.c4_calibration(texts, ListTokenizer(), n=20, seqlen=32, seed=3)
+    assert calib.shape == (20, 32)
+    for seg in calib.tolist():  # a run of consecutive tokens of one document longer than 32, never its last token
+        d = docs[seg[0] // 1000]
+        assert len(d) > 32 and seg == list(range(seg[0], seg[0] + 32)) and seg[-1] < d[-1]
+    assert torch.equal(calib, ptq.c4_calibration(texts, ListTokenizer(), n=20, seqlen=32, seed=3))
+    assert not torch.equal(calib, ptq.c4_calibration(texts, ListTokenizer(), n=20, seqlen=32, seed=4))
+    # the random sequence of GPTQ's datautils (module-level random, seeded once): document, redrawn while too short,
+    # then the window's start
+    random.seed(3)
+    want = []
+    for _ in range(20):
+        while True:
+            d = docs[random.randint(0, len(docs) - 1)]
+            if len(d) > 32:
+                break
+        start = random.randint(0, len(d) - 32 - 1)
+        want.append(d[start:start + 32])
+    assert calib.tolist() == want
+
+
+def test_offline_the_hub_paths_say_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path))
+    with pytest.raises(ptq.HubUnavailable, match="hub/allenai/c4/en/c4-train"):
+        ptq.hub_file(*ptq.HUB_FILES["c4-train-00000"])
+    with pytest.raises(ptq.HubUnavailable, match="hub/facebook/opt-125m"):
+        ptq.hub_model("facebook/opt-125m")
+    f = tmp_path / "hub" / "Salesforce" / "wikitext" / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"")
+    assert ptq.hub_file(*ptq.HUB_FILES["wikitext2-test"]) == f
+    monkeypatch.delenv("REPRO_DATA_DIR")
+    monkeypatch.setenv("REPRO_OFFLINE", "1")
+    with pytest.raises(ptq.HubUnavailable, match="no network"):
+        ptq.load_causal_lm("facebook/opt-125m")
+
+
+def test_the_offline_path_loads_model_and_data_from_repro_data_dir(tmp_path, monkeypatch):
+    # REPRO_DATA_DIR/hub/<repository>/ holds what the hub would give: a tiny OPT with its tokenizer, WikiText-2's test
+    # parquet, a C4 shard; the real loaders read them (transformers, datasets) and nothing is downloaded
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path))
+    d = tmp_path / "hub" / "facebook" / "opt-125m"
+    d.mkdir(parents=True)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: 4 + i for i, c in enumerate("abcdef\u0120\u010a")}
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    transformers.GPT2Tokenizer(str(d / "vocab.json"), str(d / "merges.txt"), bos_token="</s>", eos_token="</s>",
+                               unk_token="<unk>", pad_token="<pad>", add_bos_token=True).save_pretrained(d)
+    tiny_opt().half().save_pretrained(d)  # a float16 checkpoint, as OPT-125M's
+    model, tok = ptq.load_causal_lm("facebook/opt-125m")
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    f = tmp_path / "hub" / "Salesforce" / "wikitext" / "wikitext-2-raw-v1" / "test-00000-of-00001.parquet"
+    f.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["", " = ab = \n", " cd \n"]}), f)
+    assert ptq.wikitext2_test_ids(tok).tolist() == tok("\n\n = ab = \n\n\n cd \n")["input_ids"]
+    assert ptq.wikitext2_test_ids(tok)[0].item() == 2  # OPT's tokenizer puts its </s> first
+    g = tmp_path / "hub" / "allenai" / "c4" / "en" / "c4-train.00000-of-01024.json.gz"
+    g.parent.mkdir(parents=True)
+    with gzip.open(g, "wt") as fh:
+        for i in range(5):
+            fh.write(json.dumps({"text": "ab " * (10 + 10 * i), "timestamp": "", "url": ""}) + "\n")
+    texts = ptq.c4_train_texts()
+    assert len(texts) == 5 and texts[1] == "ab " * 20
+    assert ptq.c4_calibration(texts, tok, n=3, seqlen=16, seed=0).shape == (3, 16)
+
+
+def opt_cell():
+    import json
+
+    nb = json.loads((FOLDER / "04_quantization.next.ipynb").read_text())
+    return next("".join(c["source"]) for c in nb["cells"] if 'OPT_IDS = ("gptq-opt125m-4bit"' in "".join(c["source"]))
+
+
+def run_opt_cell(tmp_path, monkeypatch, stub=None, **params):
+    import types
+
+    import numpy as np
+    import pandas as pd
+
+    from repro_utils import start
+
+    monkeypatch.setenv("REPRO_OUT", str(tmp_path))
+    run = start(FOLDER / "claims.yaml", profile="smoke")
+    run.params.update(params)
+    g = dict(run=run, P=run.params, GPU=False, dev="cpu", ptq=stub or ptq, torch=torch, np=np, pd=pd, time=__import__("time"),
+             display=lambda *a: None, budget=ptq.Budget(0), SPEED_S={}, types=types)
+    exec(opt_cell(), g)
+    return run
+
+
+@pytest.mark.parametrize("opt_model", ["none", "facebook/opt-125m"])
+def test_opt_section_records_its_claims_untested_offline(tmp_path, monkeypatch, opt_model):
+    # the smoke and gpu profiles (opt_model none), and a full run without the network or the files: the section says
+    # what it could not test and records both claims untested, without an exception
+    monkeypatch.setenv("REPRO_DATA_DIR", str(tmp_path))  # a data folder without hub/facebook/opt-125m
+    run = run_opt_cell(tmp_path, monkeypatch, opt_model=opt_model)
+    for cid in ("gptq-opt125m-4bit", "gptq-opt125m-3bit"):
+        m = run.entries[cid].measured
+        assert m.why_untested and ("opt_model='none'" in m.why_untested if opt_model == "none"
+                                   else "hub/facebook/opt-125m" in m.why_untested), m.why_untested
+
+
+def test_opt_section_records_the_declared_metrics(tmp_path, monkeypatch):
+    # a dry run of the recording cell with stand-in perplexities: the 4-bit share of RTN's loss that GPTQ removes and
+    # the 3-bit increase, one value per calibration draw, with the RTN controls; then the 16-bit check
+    import types
+
+    ppl = {"16": 27.65, "rtn4": 37.28, "rtn3": 1300.0, ("gptq", 4): [31.0, 31.2, 31.1], ("gptq", 3): [53.0, 55.0, 54.0]}
+    stub = types.SimpleNamespace(
+        HubUnavailable=ptq.HubUnavailable, load_causal_lm=lambda name, dev: ("16", None),
+        eval_windows=lambda ids, n: list(range(140)), wikitext2_test_ids=lambda tok: None, c4_train_texts=lambda: None,
+        c4_calibration=lambda texts, tok, n, seqlen, seed: seed, rtn_decoder=lambda m, b: f"rtn{b}",
+        gptq_quantize_decoder=lambda m, calib, b, g, **kw: ((("gptq", b), calib), {"0.fc2": 0}),
+        window_perplexity=lambda m, w: ppl[m[0]][m[1]] if isinstance(m, tuple) else ppl[m],
+        decoder_blocks=lambda m: [None] * 12)
+    run = run_opt_cell(tmp_path, monkeypatch, stub=stub, opt_model="facebook/opt-125m")
+    m4, m3 = run.entries["gptq-opt125m-4bit"].measured, run.entries["gptq-opt125m-3bit"].measured
+    assert m4.values == pytest.approx([(37.28 - g) / (37.28 - 27.65) for g in ppl[("gptq", 4)]])
+    assert m3.values == pytest.approx([100 * (g / 27.65 - 1) for g in ppl[("gptq", 3)]])
+    assert m4.seeds == (0, 1, 2) and m4.control["values"] == pytest.approx([100 * (37.28 / 27.65 - 1)] * 3)
+    assert m3.control["values"] == pytest.approx([100 * (1300 / 27.65 - 1)] * 3)
+    ppl["16"] = 29.0  # 4.9% from the table's 27.65: not the table's evaluation, so nothing is graded
+    run = run_opt_cell(tmp_path, monkeypatch, stub=stub, opt_model="facebook/opt-125m")
+    assert "27.65" in run.entries["gptq-opt125m-4bit"].measured.why_untested

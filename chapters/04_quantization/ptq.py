@@ -12,6 +12,9 @@ The notebook shows these functions with ``repro_utils.display.show``; what it sh
                                                       tinygemm_pack / tinygemm_linear (torch's built-in kernel)
 5. Models: a small GPT (quality), a Llama-3-8B-shaped decoder (speed)
 6. Measurement: training, perplexity, timing sweeps, ceilings of the machine (read_floor: the INT4 bytes' floor)
+7. GPTQ's own table: a Hugging Face decoder (OPT-125M) .. hub_file, load_causal_lm, wikitext2_test_ids,
+                                                      c4_calibration, eval_windows, window_perplexity,
+                                                      block_inputs, gptq_quantize_decoder, rtn_decoder
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -2065,3 +2070,249 @@ def time_prefill(model: SpeedLlama, batch: int, seq: int, reps: int = 3) -> floa
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. GPTQ's own table: a Hugging Face decoder (OPT-125M on WikiText-2, calibrated on C4), full profile, online
+# ----------------------------------------------------------------------------------------------------
+# The setting of the paper's Table 3 (Frantar et al. 2023, §5 "Setup" and Appendix A.2.1) as the IST-DASLab/gptq
+# repository runs it (opt.py, datautils.py): 128 segments of 2048 tokens drawn from C4's first training shard,
+# perplexity on WikiText-2's test split. The files, as the Hugging Face hub holds them: (dataset repository, path).
+HUB_FILES = {
+    "wikitext2-test": ("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
+    "c4-train-00000": ("allenai/c4", "en/c4-train.00000-of-01024.json.gz"),
+}
+
+
+class HubUnavailable(RuntimeError):
+    """A model or data file that is neither under $REPRO_DATA_DIR/hub nor reachable on the Hugging Face hub."""
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """A file of a Hugging Face dataset repository. With REPRO_DATA_DIR set it is read from
+    ``$REPRO_DATA_DIR/hub/<repo>/<filename>`` and nothing is downloaded (the offline path); otherwise
+    huggingface_hub downloads it when the hub answers. Neither: HubUnavailable, saying what is missing."""
+    from repro_utils import data
+
+    local = data.local_dir()
+    if local is not None:
+        f = local / "hub" / repo / filename
+        if not f.is_file():
+            raise HubUnavailable(f"REPRO_DATA_DIR={local} holds no hub/{repo}/{filename}, and nothing is downloaded "
+                                 "while REPRO_DATA_DIR is set")
+        return f
+    if not data.online():
+        raise HubUnavailable(f"no network: {repo}/{filename} cannot be downloaded from the Hugging Face hub, and "
+                             "REPRO_DATA_DIR (where a copy could be read) is not set")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, filename, repo_type="dataset"))
+
+
+def hub_model(repo: str) -> str:
+    """Where ``from_pretrained`` finds a model: ``$REPRO_DATA_DIR/hub/<repo>/`` (a saved copy) when REPRO_DATA_DIR is
+    set, else the hub's repository id when the hub answers. Neither: HubUnavailable."""
+    from repro_utils import data
+
+    local = data.local_dir()
+    if local is not None:
+        d = local / "hub" / repo
+        if not (d / "config.json").is_file():
+            raise HubUnavailable(f"REPRO_DATA_DIR={local} holds no hub/{repo}/ (a copy of the model's repository), "
+                                 "and nothing is downloaded while REPRO_DATA_DIR is set")
+        return str(d)
+    if not data.online():
+        raise HubUnavailable(f"no network: {repo} cannot be downloaded from the Hugging Face hub, and REPRO_DATA_DIR "
+                             "(where a copy could be read) is not set")
+    return repo
+
+
+def load_causal_lm(name: str, device="cpu"):
+    """(model, tokenizer) of a Hugging Face causal LM, its weights in float32 (OPT-125M's checkpoint is float16, so
+    the 16-bit model exactly), in evaluation mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = hub_model(name)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+    return model.float().eval().to(device), AutoTokenizer.from_pretrained(where)
+
+
+def wikitext2_test_ids(tokenizer, texts=None) -> torch.Tensor:
+    """WikiText-2's test split (``wikitext-2-raw-v1``) as the GPTQ repository evaluates it: its rows joined with
+    blank lines into one text, tokenized once by the model's tokenizer (OPT's puts its ``</s>`` first). ``texts``
+    defaults to the split itself, read through ``datasets``. Returns the token ids, 1-D."""
+    if texts is None:
+        import datasets
+
+        f = hub_file(*HUB_FILES["wikitext2-test"])
+        texts = datasets.load_dataset("parquet", data_files={"test": str(f)}, split="test")["text"]
+    return torch.tensor(tokenizer("\n\n".join(texts))["input_ids"], dtype=torch.long)
+
+
+class TextColumn:
+    """``texts[i]``, one row's text of a ``datasets.Dataset``, without reading the whole column into memory."""
+
+    def __init__(self, ds, key: str = "text"):
+        self.ds, self.key = ds, key
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> str:
+        return self.ds[i][self.key]
+
+
+def c4_train_texts() -> TextColumn:
+    """The documents of C4's first English training shard (``en/c4-train.00000-of-01024``), which GPTQ's
+    calibration draws from, through ``datasets``."""
+    import datasets
+
+    f = hub_file(*HUB_FILES["c4-train-00000"])
+    return TextColumn(datasets.load_dataset("json", data_files={"train": str(f)}, split="train"))
+
+
+def c4_calibration(texts, tokenizer, n: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
+    """GPTQ's calibration draw, "128 random 2048 token segments from the C4 dataset" (§5), made as the repository's
+    datautils makes it: Python's ``random`` seeded once with ``seed``; for each segment, a document drawn
+    uniformly (with replacement), drawn again while it is not longer than ``seqlen`` tokens, then a window of
+    ``seqlen`` consecutive tokens starting uniformly in it (never its last token). The draws follow the same
+    random sequence, so ``seed=0`` (opt.py's default) picks the repository's segments. Returns (n, seqlen) ids."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        ids = tokenizer(texts[rng.randint(0, len(texts) - 1)])["input_ids"]
+        if len(ids) <= seqlen:
+            continue
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        out.append(torch.tensor(ids[start:start + seqlen], dtype=torch.long))
+    return torch.stack(out)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int = 2048) -> torch.Tensor:
+    """The evaluation windows of Appendix A.2.1 (opt.py's ``opt_eval``): the token stream cut into consecutive,
+    non-overlapping windows of ``seqlen`` tokens, the tail shorter than a window left out. (n, seqlen)."""
+    ids = ids.reshape(-1)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens make no window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@contextmanager
+def fp32_matmuls():
+    """TF32 off for CUDA matmuls inside (the GPTQ repository turns it off as well); restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@torch.no_grad()
+def window_perplexity(model, windows: torch.Tensor, *, batch_size: int = 2) -> float:
+    """exp of the mean next-token loss over all windows. Each window is run alone, with no context from the one
+    before it, and its first token is not predicted: seqlen - 1 losses a window, every window weighted alike
+    (opt.py's exp(Σ nll / (n · seqlen)) with nll = mean loss · seqlen is the same number). fp32, TF32 off."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with fp32_matmuls():
+        model.eval()
+        for x in windows.split(batch_size):
+            x = x.to(device)
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def decoder_blocks(model) -> nn.ModuleList:
+    """The decoder blocks of a Hugging Face causal LM: ``model.model.decoder.layers`` (OPT), else
+    ``model.model.layers`` (Llama and most others)."""
+    inner = model.model
+    return inner.decoder.layers if hasattr(inner, "decoder") else inner.layers
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear layer inside one block, by name (OPT: ``self_attn.{k,v,q,out}_proj``, ``fc1``, ``fc2``)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+class _Stop(Exception):
+    """Raised by ``block_inputs``' hook: block 0's input is known, the rest of the forward pass is not needed."""
+
+
+@torch.no_grad()
+def block_inputs(model, calib: torch.Tensor, chunk: int = 8) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Block 0's input for each chunk of calibration sequences, with the other arguments the model passes its blocks
+    (positions, attention mask): the model computes its embeddings itself and is stopped at block 0 by a pre-hook,
+    as opt.py's ``Catcher`` stops it. The same arguments then serve every block."""
+    device = next(model.parameters()).device
+    got = []
+
+    def catch(mod, args, kwargs):
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        got.append((x, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    hook = decoder_blocks(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for c in calib.split(chunk):
+            try:
+                model(input_ids=c.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    return got
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out  # a block returns a tuple in transformers 4, a tensor in 5
+
+
+@torch.no_grad()
+def gptq_quantize_decoder(model, calib: torch.Tensor, bits: int, group_size: int = -1, *, damp: float = 0.01,
+                          act_order: bool = False, block_size: int = 128, chunk: int = 8):
+    """GPTQ over a Hugging Face decoder, block after block, as the GPTQ repository's opt.py quantizes OPT: the
+    calibration sequences reach block i through blocks 0 … i-1 already quantized; one pass through block i, still
+    in full precision, gives each linear layer inside it its Hessian from the inputs it actually receives; every
+    weight is replaced by its GPTQ round trip (``gptq``; one grid per row with group_size=-1); a second pass, through
+    the quantized block, gives block i + 1 its inputs. Inside a block all Hessians come from that one pass (opt.py
+    has no ``--true-sequential``). Returns the quantized copy and, per layer, how many of its inputs never fired
+    (a zero on the Hessian's diagonal)."""
+    qmodel = copy.deepcopy(model).eval()
+    dead = {}
+    with fp32_matmuls():
+        xs = block_inputs(qmodel, calib, chunk)
+        for i, block in enumerate(decoder_blocks(qmodel)):
+            linear = block_linears(block)
+            acc = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linear.items()}
+            hooks = [m.register_forward_hook(lambda mod, inp, out, a=acc[n]: a.add(inp[0])) for n, m in linear.items()]
+            try:
+                for x, args, kwargs in xs:
+                    block(x, *args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n, m in linear.items():
+                qw = gptq(m.weight, acc[n].H, bits, group_size, block_size=block_size, damp=damp, act_order=act_order)
+                m.weight.copy_(qw.dequantize().to(m.weight.dtype))
+                dead[f"{i}.{n}"] = int((acc[n].H.diagonal() == 0).sum())
+            xs = [(_hidden(block(x, *args, **kwargs)), args, kwargs) for x, args, kwargs in xs]
+    return qmodel, dead
+
+
+@torch.no_grad()
+def rtn_decoder(model, bits: int, group_size: int = -1):
+    """Round-to-nearest of every linear layer inside the decoder blocks, on a copy (opt.py's ``--nearest``: one
+    asymmetric min-max grid per row); the embeddings and the output layer stay as they are."""
+    qmodel = copy.deepcopy(model).eval()
+    for block in decoder_blocks(qmodel):
+        for m in block_linears(block).values():
+            m.weight.copy_(rtn(m.weight.float(), bits, group_size).dequantize().to(m.weight.dtype))
+    return qmodel
