@@ -575,3 +575,19 @@ def test_polar_newton_is_the_polar_factor_of_float64_svd():
     assert ms.orthogonalize([W], [1], method="newton")[0].shape == W.shape
     with pytest.raises(ValueError, match="method"):
         ms.orthogonalize([W], [1], method="qr")
+
+
+def test_the_polar_part_runs_at_least_the_seeds_its_claim_declares_in_the_profiles_that_grade_it():
+    """ns5-vs-exact-polar is graded in gpu and full on polar_seeds paired seeds (6 since 2026-12-05, 3 being the
+    least a run may record); a profile whose polar_seeds fell below the claim's replicates could never grade it."""
+    ch = load_chapter(FOLDER)
+    claim = next(c for c in ch.claims if c.id == "ns5-vs-exact-polar")
+    for profile in claim.profiles:
+        P = resolve(ch.parameters, {"profile": profile}, cuda=True, chapter=ch.id)
+        assert P["polar_seeds"] >= claim.replicates, (profile, P["polar_seeds"], claim.replicates)
+        assert P["polar_tokens"] <= P["tokens"], (profile, "the polar runs are never longer than the others")
+    gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
+    # the gpu call: the polar part used to train 3 runs at tokens (the NS5 arm reused); its runs at polar_tokens may
+    # cost at most 3 more run-equivalents, ~60 s of the ~90 s the budget has to spare (H100 at 41d9424: 435 s of
+    # budget_s 525, runs of ~20 s at tokens)
+    assert 2 * gpu["polar_seeds"] * gpu["polar_tokens"] / gpu["tokens"] <= 3 + 3, gpu
