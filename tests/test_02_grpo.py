@@ -193,6 +193,44 @@ def test_zero_signal_share_hand_example():
         G.zero_signal_share([1], 4, 8)
 
 
+def test_useful_share_hand_examples():
+    # n = 4, G = 2: with 2 right, 4 of the C(4,2) = 6 pairs are mixed; with 1 right, the 3 pairs holding it
+    assert G.useful_share([2], 4, 2) == pytest.approx(4 / 6)
+    assert G.useful_share([1], 4, 2) == pytest.approx(3 / 6)
+    assert G.useful_share([1], 4, 3) == pytest.approx(3 / 4)            # only {the 3 wrong} is all equal
+    assert G.useful_share([2, 1], 4, 2) == pytest.approx((4 / 6 + 3 / 6) / 2)   # averaged over problems
+    assert G.useful_share([200], 256, 16) == pytest.approx(1 - G.zero_signal_share([200], 256, 16))
+
+
+def test_useful_share_matches_enumeration_of_every_group():
+    from itertools import combinations
+
+    n = 7
+    for c in range(n + 1):
+        samples = [1] * c + [0] * (n - c)
+        for g in range(1, n + 1):
+            groups = list(combinations(samples, g))
+            mixed = sum(0 < sum(grp) < g for grp in groups) / len(groups)
+            assert G.useful_share([c], n, g) == pytest.approx(mixed, abs=1e-12), (c, g)
+
+
+def test_useful_share_edges_and_monotone_in_group_size():
+    correct = np.array([0, 1, 3, 4])
+    assert G.useful_share(correct, 4, 4) == 0.5                          # G = n: whether the n samples are mixed
+    assert G.useful_share(correct, 4, 1) == 0.0                          # one sample is never mixed
+    assert G.useful_share([0, 512], 512, 16) == G.useful_share([0, 512], 512, 512) == 0.0   # never or always right
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 513, 64)
+    shares = [G.useful_share(counts, 512, g) for g in (1, 2, 4, 16, 64, 256, 512)]
+    assert all(a <= b + 1e-12 for a, b in zip(shares, shares[1:])) and shares[-1] > shares[1]
+    assert shares[-1] == np.mean((counts > 0) & (counts < 512))
+    for bad in (0, 5):                                                   # G outside [1, n]
+        with pytest.raises(ValueError):
+            G.useful_share([1], 4, bad)
+    with pytest.raises(ValueError):
+        G.useful_share([5], 4, 2)                                        # more right than samples
+
+
 def test_sft_stops_when_the_callback_says_so(problems):
     tok = G.char_tokenizer()
     model = G.tiny_policy(tok, d_model=32, n_layers=1, seed=0)
@@ -251,6 +289,37 @@ def test_bad_parameters_fail_before_anything_runs(bad):
     params = load_chapter(CHAPTER).parameters
     with pytest.raises(ParameterError):
         resolve(params, bad, cuda=False)
+
+
+@pytest.mark.parametrize("bad", [{"group_probe_samples": 16}, {"group_probe_samples": 8}])
+def test_group_probe_must_sample_more_than_a_group(bad):
+    params = load_chapter(CHAPTER).parameters
+    P = resolve(params, {"profile": "gpu", **bad}, cuda=True)           # each value alone is in bounds
+    with pytest.raises(ParameterError, match="group_probe_samples"):
+        G.check_probe_params(P)
+
+
+@pytest.mark.parametrize("bad", [{"group_probe_samples": -1}, {"group_probe_problems": 0}, {"kl_twin": 1},
+                                 {"kl_twin": "yes"}, {"group_probe_samples": 8192}])
+def test_bad_probe_parameters_fail_before_anything_runs(bad):
+    with pytest.raises(ParameterError):
+        resolve(load_chapter(CHAPTER).parameters, bad, cuda=False)
+
+
+def test_pending_claims_run_in_smoke_and_full_not_gpu():
+    ch = load_chapter(CHAPTER)
+    prof = {p: resolve(ch.parameters, {"profile": p}, cuda=p != "smoke") for p in ("smoke", "gpu", "full")}
+    for P in prof.values():
+        G.check_probe_params(P)                                           # every profile's defaults pass
+    # smoke exercises both code paths at tiny size; gpu leaves them off (its protocol and time unchanged)
+    assert prof["smoke"]["kl_twin"] and prof["smoke"]["group_probe_samples"] > prof["smoke"]["group_size"]
+    assert prof["smoke"]["length_steps"] > 0 and prof["smoke"]["beta"] > 0 == prof["smoke"]["length_beta"]
+    assert not prof["gpu"]["kl_twin"] and prof["gpu"]["group_probe_samples"] == 0
+    # full: the claims' own protocol (512 samples against G = 16; the twin beside each length-bias run)
+    full = prof["full"]
+    assert full["kl_twin"] and full["length_steps"] > 0 and full["beta"] > 0 == full["length_beta"]
+    assert full["group_probe_samples"] == 512 and full["group_size"] == 16 and full["group_probe_problems"] == 256
+    assert full["group_probe_problems"] <= full["grpo_steps"] * full["prompts_per_step"]
 
 
 def test_profiles_resolve_and_notebook_declares_the_parameters():

@@ -682,6 +682,35 @@ def zero_signal_share(correct, n: int, group_size: int) -> float:
                           for c in np.asarray(correct)]))
 
 
+def useful_share(correct, n: int, group_size: int) -> float:
+    """The share of samples that carry a GRPO signal at group size ``group_size``: the chance that ``group_size``
+    samples of a problem, drawn without replacement from its ``n`` samples of which ``correct[p]`` are right, are
+    neither all right nor all wrong, 1 - (C(c, G) + C(n - c, G)) / C(n, G), averaged over problems. Exact (integer
+    binomials, one rounding at the end per problem); G = n gives the indicator that a problem's n samples are mixed,
+    G = 1 gives 0 (one sample is never mixed). BroRL's "dynamic sampling pass rate" (Table 2) at G."""
+    n, group_size = int(n), int(group_size)
+    if not 1 <= group_size <= n:
+        raise ValueError(f"group_size must lie in [1, n={n}], not {group_size}")
+    counts = [int(c) for c in np.asarray(correct).ravel()]
+    if not counts:
+        raise ValueError("no problems")
+    if any(not 0 <= c <= n for c in counts):
+        raise ValueError(f"a correct count lies outside [0, n={n}]: {counts}")
+    total = math.comb(n, group_size)
+    return float(np.mean([(total - math.comb(c, group_size) - math.comb(n - c, group_size)) / total for c in counts]))
+
+
+def check_probe_params(P: dict) -> None:
+    """The group probe's parameters against each other (claims.yaml bounds each alone): a nonzero
+    ``group_probe_samples`` must exceed ``group_size``, or the useful share at G = group_probe_samples compares a
+    group with itself. Raises ParameterError (a ValueError) naming the parameter."""
+    from repro_utils.profiles import ParameterError
+
+    n, g = P["group_probe_samples"], P["group_size"]
+    if n and n <= g:
+        raise ParameterError(f"parameter 'group_probe_samples': {n} must exceed group_size={g} (or be 0: no probe)")
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
