@@ -685,9 +685,9 @@ def zero_signal_share(correct, n: int, group_size: int) -> float:
 def useful_share(correct, n: int, group_size: int) -> float:
     """The share of samples that carry a GRPO signal at group size ``group_size``: the chance that ``group_size``
     samples of a problem, drawn without replacement from its ``n`` samples of which ``correct[p]`` are right, are
-    neither all right nor all wrong, 1 - (C(c, G) + C(n - c, G)) / C(n, G), averaged over problems. Exact (integer
-    binomials, one rounding at the end per problem); G = n gives the indicator that a problem's n samples are mixed,
-    G = 1 gives 0 (one sample is never mixed). BroRL's "dynamic sampling pass rate" (Table 2) at G."""
+    neither all right nor all wrong, 1 - (C(c, G) + C(n - c, G)) / C(n, G), averaged over problems: 1 minus
+    ``zero_signal_share`` (exact: integer binomials), which needs G >= 2. G = n gives the indicator that a
+    problem's n samples are mixed, G = 1 gives 0 (one sample is never mixed). BroRL's "dynamic sampling pass rate" (Table 2) at G."""
     n, group_size = int(n), int(group_size)
     if not 1 <= group_size <= n:
         raise ValueError(f"group_size must lie in [1, n={n}], not {group_size}")
@@ -696,8 +696,7 @@ def useful_share(correct, n: int, group_size: int) -> float:
         raise ValueError("no problems")
     if any(not 0 <= c <= n for c in counts):
         raise ValueError(f"a correct count lies outside [0, n={n}]: {counts}")
-    total = math.comb(n, group_size)
-    return float(np.mean([(total - math.comb(c, group_size) - math.comb(n - c, group_size)) / total for c in counts]))
+    return 0.0 if group_size == 1 else 1.0 - zero_signal_share(counts, n, group_size)
 
 
 def check_probe_params(P: dict) -> None:

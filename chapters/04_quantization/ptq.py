@@ -1844,6 +1844,17 @@ def train_gpt(model: GPT, tokens, *, steps: int, batch_size: int, seq_len: int, 
     return losses
 
 
+@contextmanager
+def fp32_matmuls():
+    """TF32 off for CUDA matmuls inside (perplexities here are fp32 arithmetic; the GPTQ repository turns it off as well); restored afterwards."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @torch.no_grad()
 def token_losses(model: GPT, tokens, starts, *, seq_len: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
     """Next-token loss (nats) of every predicted token of the windows of seq_len + 1 tokens at ``starts``:
@@ -1851,18 +1862,14 @@ def token_losses(model: GPT, tokens, starts, *, seq_len: int, batch_size: int = 
     windows or tokens (one source, one replicate's share) is exp of the mean of its entries."""
     from repro_utils.data import windows
 
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
     out = []
-    try:
+    with fp32_matmuls():
         model.eval()
         for i in range(0, len(starts), batch_size):
             x, y = windows(tokens, starts[i:i + batch_size], seq_len, device=device)
             logits = model(x).float()
             out.append(F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
                        .view(y.shape).cpu())
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return torch.cat(out)
 
 
@@ -2198,17 +2205,6 @@ def eval_windows(ids: torch.Tensor, seqlen: int = 2048) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"{ids.numel()} tokens make no window of {seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
-
-
-@contextmanager
-def fp32_matmuls():
-    """TF32 off for CUDA matmuls inside (the GPTQ repository turns it off as well); restored afterwards."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @torch.no_grad()
