@@ -306,15 +306,15 @@ def test_bad_probe_parameters_fail_before_anything_runs(bad):
         resolve(load_chapter(CHAPTER).parameters, bad, cuda=False)
 
 
-def test_pending_claims_run_in_smoke_and_full_not_gpu():
+def test_pending_claims_run_where_declared():
     ch = load_chapter(CHAPTER)
     prof = {p: resolve(ch.parameters, {"profile": p}, cuda=p != "smoke") for p in ("smoke", "gpu", "full")}
     for P in prof.values():
         G.check_probe_params(P)                                           # every profile's defaults pass
-    # smoke exercises both code paths at tiny size; gpu leaves them off (its protocol and time unchanged)
+    # smoke exercises both code paths at tiny size; gpu runs the group probe, not the KL twins (no length-bias runs)
     assert prof["smoke"]["kl_twin"] and prof["smoke"]["group_probe_samples"] > prof["smoke"]["group_size"]
     assert prof["smoke"]["length_steps"] > 0 and prof["smoke"]["beta"] > 0 == prof["smoke"]["length_beta"]
-    assert not prof["gpu"]["kl_twin"] and prof["gpu"]["group_probe_samples"] == 0
+    assert not prof["gpu"]["kl_twin"] and prof["gpu"]["group_probe_samples"] == 512  # the probe runs in gpu since 2026-12-05
     # full: the claims' own protocol (512 samples against G = 16; the twin beside each length-bias run)
     full = prof["full"]
     assert full["kl_twin"] and full["length_steps"] > 0 and full["beta"] > 0 == full["length_beta"]
