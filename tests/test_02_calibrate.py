@@ -141,6 +141,13 @@ def test_lr_dry_run_judges_on_validation_problems_only(tmp_path):
         L.calibrate([0.0], dry_run=True)
 
 
+def test_lr_calibration_takes_a_batch_size(tmp_path):
+    res = L.calibrate([1e-4], dry_run=True, out=tmp_path / "lr.json", budget_s=3600, progress=False, prompts_per_step=8)
+    assert res["parameters"]["prompts_per_step"] == 8 != L.C.dry_params(L.DRY)["prompts_per_step"]
+    with pytest.raises(ValueError, match="prompts_per_step"):
+        L.calibrate([1e-4], dry_run=True, prompts_per_step=0)
+
+
 def test_model_size_settings_record_and_describe_the_policy_they_train():
     P = C.setting_params(C.SETTINGS["t2-4_d2-5_w128_l2"])
     assert (P["model_dim"], P["model_layers"]) == (128, 2) and G.chapter_task(P) == G.TASKS["chain_sum"]

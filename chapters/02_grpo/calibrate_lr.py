@@ -136,14 +136,17 @@ def rate_part(P: dict, rate: float, *, device: torch.device, seed: int, val_samp
 
 
 def calibrate(rates=RATES, *, dry_run: bool, out=None, seed: int = 0, budget_s: float = BUDGET_S,
-              progress: bool = True) -> dict:
-    """The start, then every rate from the smallest up (each only if it fits the budget), then the rule's choice."""
+              progress: bool = True, prompts_per_step: int | None = None) -> dict:
+    """The start, then every rate from the smallest up (each only if it fits the budget), then the rule's choice.
+    ``prompts_per_step`` (default: the profile's) sets both arms' batch: GRPO's prompts a step, and continued SFT's
+    sequences a step as that times group_size."""
     rates = sorted(set(rates))
     if not rates or min(rates) <= 0:
         raise ValueError(f"rates must be positive, not {rates}")
     device = C.calibration_device(dry_run, budget_s)
     cuda = device.type == "cuda"
-    P = C.dry_params(DRY, seed=seed) if dry_run else C.setting_params({}, seed=seed)
+    batch = {} if prompts_per_step is None else {"prompts_per_step": prompts_per_step}
+    P = C.dry_params({**DRY, **batch}, seed=seed) if dry_run else C.setting_params(batch, seed=seed)
     val_samples = 4 if dry_run else VAL_SAMPLES
     res = {"chapter": "02_grpo", "script": "calibrate_lr.py", "profile": "dry-run" if dry_run else "gpu", "seed": seed,
            "budget_s": budget_s, "rule": {"rates": rates, "val_samples": val_samples, "tie_points": TIE_POINTS},
@@ -187,10 +190,16 @@ def row(name: str, r: dict) -> str:
 
 
 def main(argv=None):
-    args, names = script_args(__doc__, [part_name(r) for r in RATES], budget_s=BUDGET_S, reps_help=None, argv=argv)
+    def extra(ap):
+        ap.add_argument("--prompts-per-step", type=int, default=None,
+                        help="both arms' batch in prompts a step (default: the gpu profile's prompts_per_step)")
+
+    args, names = script_args(__doc__, [part_name(r) for r in RATES], budget_s=BUDGET_S, reps_help=None, extra=extra,
+                              argv=argv)
     rates = [r for r in RATES if part_name(r) in names]
     try:
-        res = calibrate(rates, dry_run=args.dry_run, out=args.out, seed=args.seed, budget_s=args.budget_s)
+        res = calibrate(rates, dry_run=args.dry_run, out=args.out, seed=args.seed, budget_s=args.budget_s,
+                        prompts_per_step=args.prompts_per_step)
     except (ValueError, RuntimeError) as e:
         print(f"calibrate_lr.py: error: {e}", file=sys.stderr)
         sys.exit(2)
