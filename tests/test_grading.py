@@ -260,6 +260,17 @@ def test_a_declared_control_that_fails_also_withholds_a_positive():
     assert g.rung == REPRODUCED
 
 
+def test_an_inconclusive_interval_names_a_failing_control_too():
+    ctl = {"what": "GRPO's own gain over its start", "unit": "points", "holds_if": {"at_least": 1}}
+    c = replicated(control=ctl)
+    straddling = [4.0, 10.0, 16.0]  # mean 10, interval ~[-4.9, 24.9] straddles every bar
+    g = grade(c, m(None, values=straddling, control={"setting": "same run", "values": [0.2, 0.3, 0.5]}), "gpu")
+    assert g.rung == UNVERIFIED and "straddles" in g.reason and "even a decided interval would not count" in g.reason
+    assert "it fails" in g.reason
+    g = grade(c, m(None, values=straddling, control={"setting": "same run", "values": [3.0, 3.1, 3.2]}), "gpu")
+    assert g.rung == UNVERIFIED and "straddles" in g.reason and "would not count" not in g.reason
+
+
 def test_a_substitute_artifact_grades_unverified():
     c = replicated(subject="Marlin")
     vals = [2.4, 2.45, 2.5]

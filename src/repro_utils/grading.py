@@ -449,8 +449,13 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
         if STRADDLE in states:
             bar = next(f"{name} if {describe_test(t, claim.unit)}" for (name, t), s in zip(tests, states)
                        if s == STRADDLE)
+            # a declared control that fails is said too: it would withhold the grade even if the interval decided
+            also = ""
+            if claim.control:
+                ok, what = _control(claim, m)
+                also = "" if ok else f"; and even a decided interval would not count: {what}"
             return Grade(UNVERIFIED, f"Inconclusive: the interval [{fmt(iv.lo)}, {fmt(iv.hi)}] straddles the "
-                                     f"bar ({bar}); {measured}; {rule}.", iv, scale)
+                                     f"bar ({bar}){also}; {measured}; {rule}.", iv, scale)
     if claim.control:
         ok, what = _control(claim, m)
         if not ok:
