@@ -2095,22 +2095,31 @@ class HubUnavailable(RuntimeError):
     """A model or data file that is neither under $REPRO_DATA_DIR/hub nor reachable on the Hugging Face hub."""
 
 
-def hub_file(repo: str, filename: str) -> Path:
-    """A file of a Hugging Face dataset repository. With REPRO_DATA_DIR set it is read from
-    ``$REPRO_DATA_DIR/hub/<repo>/<filename>`` and nothing is downloaded (the offline path); otherwise
-    huggingface_hub downloads it when the hub answers. Neither: HubUnavailable, saying what is missing."""
+def _hub_local(what: str, local_path: str, present) -> Path | None:
+    """Where the offline path reads ``what`` (``$REPRO_DATA_DIR/<local_path>``) when REPRO_DATA_DIR is set, None when
+    the hub answers instead. Neither, or REPRO_DATA_DIR set without it (``present`` is False): HubUnavailable."""
     from repro_utils import data
 
     local = data.local_dir()
     if local is not None:
-        f = local / "hub" / repo / filename
-        if not f.is_file():
-            raise HubUnavailable(f"REPRO_DATA_DIR={local} holds no hub/{repo}/{filename}, and nothing is downloaded "
-                                 "while REPRO_DATA_DIR is set")
+        f = local / local_path
+        if not present(f):
+            raise HubUnavailable(f"REPRO_DATA_DIR={local} holds no {local_path}, and nothing is downloaded while "
+                                 "REPRO_DATA_DIR is set")
         return f
     if not data.online():
-        raise HubUnavailable(f"no network: {repo}/{filename} cannot be downloaded from the Hugging Face hub, and "
-                             "REPRO_DATA_DIR (where a copy could be read) is not set")
+        raise HubUnavailable(f"no network: {what} cannot be downloaded from the Hugging Face hub, and REPRO_DATA_DIR "
+                             "(where a copy could be read) is not set")
+    return None
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """A file of a Hugging Face dataset repository. With REPRO_DATA_DIR set it is read from
+    ``$REPRO_DATA_DIR/hub/<repo>/<filename>`` and nothing is downloaded (the offline path); otherwise
+    huggingface_hub downloads it when the hub answers. Neither: HubUnavailable, saying what is missing."""
+    f = _hub_local(f"{repo}/{filename}", f"hub/{repo}/{filename}", Path.is_file)
+    if f is not None:
+        return f
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo, filename, repo_type="dataset"))
@@ -2119,19 +2128,8 @@ def hub_file(repo: str, filename: str) -> Path:
 def hub_model(repo: str) -> str:
     """Where ``from_pretrained`` finds a model: ``$REPRO_DATA_DIR/hub/<repo>/`` (a saved copy) when REPRO_DATA_DIR is
     set, else the hub's repository id when the hub answers. Neither: HubUnavailable."""
-    from repro_utils import data
-
-    local = data.local_dir()
-    if local is not None:
-        d = local / "hub" / repo
-        if not (d / "config.json").is_file():
-            raise HubUnavailable(f"REPRO_DATA_DIR={local} holds no hub/{repo}/ (a copy of the model's repository), "
-                                 "and nothing is downloaded while REPRO_DATA_DIR is set")
-        return str(d)
-    if not data.online():
-        raise HubUnavailable(f"no network: {repo} cannot be downloaded from the Hugging Face hub, and REPRO_DATA_DIR "
-                             "(where a copy could be read) is not set")
-    return repo
+    d = _hub_local(repo, f"hub/{repo}/", lambda d: (d / "config.json").is_file())
+    return repo if d is None else str(d)
 
 
 def load_causal_lm(name: str, device="cpu"):
