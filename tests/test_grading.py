@@ -16,6 +16,7 @@ from repro_utils.grading import (
     describe_test,
     grade,
     passes,
+    unverified_kind,
 )
 
 
@@ -258,6 +259,16 @@ def test_a_declared_control_that_fails_also_withholds_a_positive():
     assert g.rung == UNVERIFIED and "could not fail" in g.reason
     g = grade(c, m(None, values=good, control={"setting": "same run", "values": [6.0, 6.5, 7.0]}), "gpu")
     assert g.rung == REPRODUCED
+
+
+def test_a_control_whose_interval_straddles_its_bar_reads_inconclusive_not_could_not_fail():
+    """A control that neither passes nor fails leaves open whether the test could fail: the run cannot tell."""
+    ctl = {"what": "cold prefill over the suffix alone", "unit": "x", "holds_if": {"at_least": 10}}
+    c = replicated(control=ctl)
+    g = grade(c, m(None, values=[17.8, 17.9, 18.0], control={"setting": "same run", "values": [2.0, 8.0, 16.0]}),
+              "gpu")
+    assert g.rung == UNVERIFIED and unverified_kind(g.reason) == "inconclusive", g.reason
+    assert "could not fail" not in g.reason and "straddles that bar" in g.reason
 
 
 def test_an_inconclusive_interval_names_a_failing_control_too():

@@ -118,6 +118,23 @@ def test_a_second_devices_ledger_is_not_read_as_the_firsts_next_version(course):
     assert not any("went from" in p for p in check(course)), check(course)
 
 
+def test_stable_yes_needs_two_runs_that_decided_the_claim(course):
+    """The scoreboard's "stable?" column (rule 9): a device whose run did not test a claim replicates nothing,
+    so one decided grade beside an untested one reads "decided once"; two agreeing decided grades read "yes"."""
+    def row(cid):
+        return next(ln for ln in (course / "book" / "scoreboard.md").read_text().splitlines()
+                    if ln.startswith(f"| {cid} |"))
+
+    first = gpu_ledger(course, needs_gpu=1.8)  # H100: needs-gpu Reproduced
+    data = json.loads(first.read_text())
+    data["fingerprint"]["device"] = "NVIDIA H200"
+    ledger.write(ledger.path_for(course, data), data)
+    scoreboard.write(course)
+    assert row("needs-gpu").endswith("| yes |"), row("needs-gpu")
+    gpu_ledger(course, needs_gpu=None)  # the H100 run leaves needs-gpu untested
+    assert row("needs-gpu").endswith("| decided once |"), row("needs-gpu")
+
+
 def test_an_uncommitted_grade_change_needs_one_too(course):
     gpu_ledger(course, needs_gpu=1.8)
     git_commit(course, "first gpu run")

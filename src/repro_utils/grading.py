@@ -459,6 +459,10 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
     if claim.control:
         ok, what = _control(claim, m)
         if not ok:
+            if what.endswith(": inconclusive"):  # the control's own interval straddles its bar: the run cannot tell
+                return Grade(UNVERIFIED, f"Inconclusive: the interval of its {what.removesuffix(': inconclusive')} "
+                                         f"straddles that bar, so the run cannot tell whether the setting could show "
+                                         f"the effect; {measured}; {rule}.", iv, scale)
             why = ("the setting could not show the effect" if rung == NOT_REPRODUCED
                    else "a test that could not fail is not a test")
             return Grade(UNVERIFIED, f"{why.capitalize()}: {what}; {measured}; {rule}.", iv, scale)
