@@ -6,9 +6,10 @@ to Python (`enqueue_ms`: every kernel queued, nothing waited for), in groups: af
 8,192-token prefills, after 2 s and 7 s idle, after 3 s of large matmuls; `nvidia-smi` reads the SM clock, power
 and throttle reasons after each group. If ttft - enqueue is small, the GPU was waiting for the host.
 
-It ran once, on an H200, at commit 798cfe4 (right after chapter 05's gpu run, in the same device call; tinyserve
-as at c977b60), as `python3 ttft_host_probe.py` with OUT set; its output is `probes/ttft_host_probe-h200.json`.
-On the CPU it runs the chapter's tiny dry-run model instead.
+It writes `diag07.json` to $OUT (elsewhere to the ignored `_build/probes/`). It ran once, on an H200, at commit
+798cfe4 (right after chapter 05's gpu run, in the same device call; tinyserve as at c977b60), as
+`python3 ttft_host_probe.py` with OUT set; that file is committed as `probes/ttft_host_probe-h200.json`, with the
+probe, commit, date and note fields added to it. On the CPU it runs the chapter's tiny dry-run model instead.
 """
 import json
 import os
