@@ -177,7 +177,8 @@ def table_grade(entry: dict[str, Any]) -> str:
 
 def unverified_kind(reason: str) -> str:
     """The short why of an Unverified grade, read off its reason (for tables)."""
-    for prefix, kind in (("Inconclusive: the interval", "inconclusive"), ("Inconclusive:", "too few replicates"),
+    for prefix, kind in (("Inconclusive: the interval", "inconclusive"), ("Inconclusive: the control", "inconclusive"),
+                         ("Inconclusive:", "too few replicates"),
                          ("The setting could not show", "no power"), ("A test that could not fail", "could not fail"),
                          ("Substitute", "substitute")):
         if reason.startswith(prefix):
@@ -460,9 +461,9 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
         ok, what = _control(claim, m)
         if not ok:
             if what.endswith(": inconclusive"):  # the control's own interval straddles its bar: the run cannot tell
-                return Grade(UNVERIFIED, f"Inconclusive: the interval of its {what.removesuffix(': inconclusive')} "
-                                         f"straddles that bar, so the run cannot tell whether the setting could show "
-                                         f"the effect; {measured}; {rule}.", iv, scale)
+                return Grade(UNVERIFIED, f"Inconclusive: the control's interval straddles its bar, so the run cannot "
+                                         f"tell whether the setting could show the effect: "
+                                         f"{what.removesuffix(': inconclusive')}; {measured}; {rule}.", iv, scale)
             why = ("the setting could not show the effect" if rung == NOT_REPRODUCED
                    else "a test that could not fail is not a test")
             return Grade(UNVERIFIED, f"{why.capitalize()}: {what}; {measured}; {rule}.", iv, scale)

@@ -216,7 +216,7 @@ def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
 |---|---|---|
 | `smoke` | any CPU (CI, Colab's CPU runtime); correctness only, speed claims grade *Unverified* | ~{m['smoke']} min |
 | `gpu` | one GPU; the outputs on this page come from an H100 or H200 | ~{m['gpu']} min on an H100 or H200 |
-| `full` | the claims' own scale, where one machine holds it | {full} |
+| `full` | the largest setting one machine holds; a claim is at its own scale only where its card says *own* | {full} |
 
 **Minimum GPU for the `gpu` profile: compute capability {cc:.1f}** ({meta['min_gpu_why']}). Colab's free T4
 (7.5) is older: there the chapter's first cell hides the GPU and `profile = "auto"` runs `smoke` on the
