@@ -17,9 +17,9 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   workload   the 256-request trace: engine (paged, token-level) and engine (request-level, max-length reservation)
   pressure   the same policies and Orca-style reservations at the vLLM paper's KV slot count (15.7K, Table 1)
   orca       iteration- vs request-level scheduling on a trace with varied output lengths
-  hf_static  HF generate, static batches of 16/32/64 padded to their longest prompt (a subset of the trace)
+  hf_static  HF generate, static batches of 32/64 padded to their longest prompt (a subset of the trace)
   hf_batch   HF generate_batch, continuous batching (a subset of the trace)
-  dial       Poisson arrivals, maximum batch 8/32/128: TTFT and time between tokens against throughput
+  dial       Poisson arrivals, maximum batch 8/128: TTFT and time between tokens against throughput
 Every timing comes with its replicates; nothing here grades: claims.yaml and the notebook do.
 """
 
