@@ -489,3 +489,31 @@ def test_a_rerun_patch_must_still_apply(course):
     f.write_text("one\nzwei\n")  # the code moved: the patch's context no longer matches
     problems = check(course)
     assert len(problems) == 1 and "rerun.patch: no longer applies" in problems[0], problems
+
+
+def test_a_regrade_stamps_a_claim_declared_after_the_run_and_the_scoreboard_does_not_count_it(course):
+    """A regrade re-grades an older run under today's claims.yaml; a claim added since then was never that run's
+    to test. The regrade stamps it from git (so that a clone without history renders the same table), and the
+    scoreboard says "declared after this run" instead of counting it among the run's untested claims. A claim
+    the run's own claims.yaml had but the run did not record stays the run's own "no measurement"."""
+    from repro_utils.records import regrade
+
+    path = gpu_ledger(course, needs_gpu=None)  # needs-gpu existed at this commit and was not recorded
+    data = json.loads(path.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=course, capture_output=True, text=True, check=True)
+    data["fingerprint"]["commit"] = head.stdout.strip()
+    ledger.write(path, data)
+    git_commit(course, "a gpu run")
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    f.write_text(f.read_text().replace("claims:\n", "claims:\n" + PENDING_CLAIM.replace(
+        '    pending: "2026-12-05: graded by the next gpu run"\n', ""), 1))
+    git_commit(course, "a claim declared after the run")
+    regrade(course, "00_selftest", note="test")
+    entries = {c["id"]: c for c in json.loads(path.read_text())["claims"]}
+    assert ledger.is_declared_after(entries["later-claim"])
+    assert not ledger.is_declared_after(entries["needs-gpu"])
+    scoreboard.write(course)
+    board = (course / "book" / "scoreboard.md").read_text()
+    row = next(ln for ln in board.splitlines() if ln.startswith("| later-claim |"))
+    assert "Unverified" not in row and "declared after this run" in row, row
+    assert "2 Unverified" not in board and "1 Unverified" in board  # needs-gpu only

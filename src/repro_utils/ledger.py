@@ -117,6 +117,40 @@ def graded_later(root: str | Path, data: dict, kind: str, cid: str) -> dict | No
     return None
 
 
+_IDS_AT: dict[tuple[str, str, str], frozenset[str] | None] = {}
+
+
+def ids_declared_at(root: str | Path, chapter: str, commit: str) -> frozenset[str] | None:
+    """The claim and goal ids in a chapter's claims.yaml at ``commit``; None where git cannot say (no history,
+    a shallow clone, a commit that never had the file)."""
+    key = (str(root), chapter, commit)
+    if key not in _IDS_AT:
+        try:
+            text = subprocess.run(["git", "show", f"{commit}:chapters/{chapter}/claims.yaml"], cwd=root,
+                                  capture_output=True, text=True, check=True).stdout
+            _IDS_AT[key] = frozenset(re.findall(r"^\s*- id:\s*([\w.-]+)", text, re.M))
+        except (OSError, subprocess.CalledProcessError):
+            _IDS_AT[key] = None
+    return _IDS_AT[key]
+
+
+DECLARED_AFTER = "declared after this run"
+
+
+def declared_after_run(root: str | Path, data: dict, cid: str) -> bool:
+    """Whether ``cid`` did not exist when the run that wrote ``data`` was made (read from git; False where git
+    cannot say). A regrade (``repro regrade``) re-grades an older ledger under today's claims.yaml, so a claim
+    declared since then sits in it unmeasured: it was never that run's to test. The regrade stamps such an entry
+    (``why_untested`` starting with ``DECLARED_AFTER``), so tables need no git history to say so."""
+    ids = ids_declared_at(root, data["chapter"], data["fingerprint"].get("commit", ""))
+    return ids is not None and cid not in ids
+
+
+def is_declared_after(entry: dict) -> bool:
+    """A ledger entry stamped by a regrade as declared after its run (see ``declared_after_run``)."""
+    return (entry.get("measured") or {}).get("why_untested", "").startswith(DECLARED_AFTER)
+
+
 def latest(root: str | Path, chapter: str) -> tuple[Path, dict] | None:
     """The most recent committed run of a chapter (the one its committed notebook shows), or None."""
     runs = published(root, chapter)

@@ -40,13 +40,14 @@ def _canonical(data: dict[str, Any]) -> bytes:
 
 
 def regrade_data(ch: Chapter, data: dict[str, Any], *, note: str, commit: str, date: str | None = None,
-                 moved: dict[str, str] | None = None) -> dict[str, Any]:
+                 moved: dict[str, str] | None = None, root: Path | None = None) -> dict[str, Any]:
     """``data`` (a committed run, schema 1 or 2) re-graded under ``ch``'s current declarations.
 
     ``moved`` maps a goal id to the id of the old claim whose measurement it takes over (a self-set
     target that used to be graded as a claim). Claims no longer declared leave the ledger (their history
     stays in git); declared claims the run never measured grade Unverified, but for pending ones (declared for a
-    later run), which stay out."""
+    later run), which stay out. With ``root`` (a git checkout), an unmeasured claim or goal that did not exist at
+    the run's commit is stamped as declared after the run, so that no table counts it as that run's untested."""
     profile = data["profile"]
     old = {c["id"]: c for c in data["claims"]} | {g["id"]: g for g in data.get("goals", [])}
     moved = moved or {}
@@ -54,6 +55,9 @@ def regrade_data(ch: Chapter, data: dict[str, Any], *, note: str, commit: str, d
     def entry(spec: Claim | Goal, src: dict[str, Any] | None) -> dict[str, Any]:
         kind = "goal" if isinstance(spec, Goal) else "claim"
         measured = dict(src["measured"]) if src and src.get("measured") else None
+        if measured is None and root is not None and ledger.declared_after_run(root, data, spec.id):
+            measured = {"setting": "not run", "why_untested": f"{ledger.DECLARED_AFTER} (not in the chapter's "
+                        f"claims.yaml at the run's commit, {data['fingerprint']['commit'][:10]})"}
         if measured is not None:
             measured["unit"] = spec.unit
         e = {"id": spec.id, "declared": spec.to_dict(), "measured": measured, "grade": "", "reason": ""}
@@ -85,7 +89,7 @@ def regrade(root: Path, chapter: str, *, note: str, moved: dict[str, str] | None
     commit, _ = git_commit(root)
     written = []
     for path, data in ledger.published(root, ch.id):
-        new = regrade_data(ch, data, note=note, commit=commit, moved=moved)
+        new = regrade_data(ch, data, note=note, commit=commit, moved=moved, root=root)
         written.append(ledger.write(path, new))
     return written
 

@@ -84,21 +84,23 @@ def _cells(spec, kind: str, cols: list[tuple[str, dict]], root: Path, tallies: d
     cells = []
     for p, d in cols:
         e = next((x for x in d.get(kind, []) if x["id"] == spec.id), None)
-        if e is None:
-            cells.append(_not_graded(spec, root, d, kind))
+        if e is None or ledger.is_declared_after(e):
+            cells.append(_not_graded(spec, root, d, kind, stamped=e is not None))
             continue
         tallies.setdefault(_short_device(d["fingerprint"]["device"]) + f" · {p}", Counter())[e["grade"]] += 1
         cells.append(f"{table_grade(e)} · {table_measured(e, missing='—')}")
     return cells
 
 
-def _not_graded(spec, root: Path, data: dict, kind: str) -> str:
+def _not_graded(spec, root: Path, data: dict, kind: str, stamped: bool = False) -> str:
+    """The cell of a claim or goal that this run did not grade: pending, declared after it (``stamped``: the
+    ledger says so), or absent for another reason."""
     if spec.pending:
         return f"declared {spec.pending[:10]}, not yet run"
     later = ledger.graded_later(root, data, kind, spec.id)
     if later is not None:
         return f"declared after this run (first run: {_short_device(later['fingerprint']['device'])})"
-    return "not graded"
+    return ledger.DECLARED_AFTER if stamped else "not graded"
 
 
 def _stable(stab: dict, chapter: str, cid: str, log: list[str]) -> str:
