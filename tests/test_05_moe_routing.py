@@ -420,6 +420,65 @@ def test_validation_sample_mixes_sources_in_every_batch():
     assert np.array_equal(c.val_starts, c2.val_starts)  # seeded
 
 
+def _mixed_split(mix, n_docs=800, seed=0, vocab=64):
+    """Documents of 20-200 tokens whose sources are drawn with probabilities ``mix`` (shuffled, not ordered)."""
+    rng = np.random.default_rng(seed)
+    src = np.repeat(rng.choice(len(mix), size=n_docs, p=np.asarray(mix) / sum(mix)),
+                    rng.integers(20, 200, size=n_docs)).astype(np.uint8)
+    return rng.integers(0, vocab, len(src)).astype(np.uint16), src
+
+
+def test_match_shares_gives_the_validation_sample_the_training_mix():
+    names = ["a", "b", "c", "d"]
+    val, src = _mixed_split([0.1, 0.2, 0.3, 0.4])                    # the val split's own mix
+    train = np.random.default_rng(1).integers(0, 64, 5000).astype(np.uint16)
+    mix = {"a": 45.0, "b": 25.0, "c": 20.0, "d": 10.0}                 # the training mix, in percent
+    kw = dict(seq_len=16, batch_size=8, eval_batches=5, device="cpu", val_sources=src, source_names=names, seed=0)
+    c = moe.Corpus(train, val, match_shares=mix, **kw)
+    n = 40
+    assert len(c.val) == 5 and all(x.shape == (8, 16) for x, _ in c.val) and len(c.val_starts) == n
+    counts = torch.cat(c.val_src).reshape(-1).bincount(minlength=4).numpy() / 16   # target tokens per source / 16
+    quota = np.array([mix[k] for k in names]) / 100 * n
+    assert (np.abs(counts - quota) < 1).all() and counts.sum() == n               # within one window of its share
+    assert all(v.unique().numel() == 1 for s in c.val_src for v in s)             # every window one source
+    starts = np.sort(c.val_starts)
+    assert (np.diff(starts) >= 17).all() and (starts % 17 == 0).all()
+    assert all(n_src >= 2 for n_src in c.sources_per_batch())                     # batches still mix the sources
+    s0 = int(c.val_starts[0])
+    assert torch.equal(c.val[0][0][0], torch.from_numpy(val[s0:s0 + 16].astype(np.int64)))
+    assert np.array_equal(c.val_starts, moe.Corpus(train, val, match_shares=mix, **kw).val_starts)  # seeded
+    # without match_shares: the uniform sample, unchanged, whose mix is the split's
+    u = moe.Corpus(train, val, **kw)
+    from repro_utils import data
+    assert np.array_equal(np.sort(u.val_starts), data.sample_windows(len(val), n, 16, seed=0))
+    assert torch.cat(u.val_src).reshape(-1).bincount(minlength=4)[0] / (n * 16) < 0.3
+    with pytest.raises(ValueError, match="val_sources"):
+        moe.Corpus(train, val, 16, 8, 5, "cpu", match_shares=mix)
+
+
+def test_match_shares_shrinks_the_sample_where_a_source_is_short_and_says_so():
+    val = np.random.default_rng(0).integers(0, 64, 17 * 30 + 1).astype(np.uint16)
+    src = np.concatenate([np.zeros(17 * 27, np.uint8), np.ones(17 * 3 + 1, np.uint8)])  # 27 windows of a, 3 of b
+    train = np.random.default_rng(1).integers(0, 64, 5000).astype(np.uint16)
+    with pytest.warns(UserWarning, match="drawing 7"):   # 24 at 50/50 need 12 of b; 7 (4 + 3) keep the mix
+        c = moe.Corpus(train, val, 16, 8, 3, "cpu", val_sources=src, source_names=["a", "b"],
+                       match_shares={"a": 1.0, "b": 1.0})
+    assert len(c.val_starts) == 7 and [x.shape[0] for x, _ in c.val] == [7]
+    assert torch.cat(c.val_src).reshape(-1).bincount().tolist() == [4 * 16, 3 * 16]
+
+
+def test_the_notebook_run_next_draws_its_validation_sample_in_the_training_mix():
+    """The notebook a run executes (the staged next version while there is one) computes the training split's
+    source shares before it builds the Corpus, and passes them as match_shares (rule 8: the balance metrics are
+    declared on a validation sample whose sources match the training mix)."""
+    import nbformat
+
+    nb = nbformat.read(load_chapter(FOLDER).source_notebook, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "moe.Corpus(" in c.source)
+    assert "match_shares=tr" in cell
+    assert cell.index("tr = shares(train_src, train_names)") < cell.index("moe.Corpus(")
+
+
 def test_per_source_losses_average_to_the_overall_loss():
     val, src = _source_ordered_split()
     train = np.random.default_rng(1).integers(0, 64, 5000).astype(np.uint16)

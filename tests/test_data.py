@@ -125,3 +125,83 @@ def test_build_local_writes_both_corpora_the_loader_reads(tmp_path, monkeypatch)
     shutil.copytree(tmp_path / "d" / "tiktoken", tmp_path / "f" / "tiktoken")
     data.build_local(tmp_path / "f", docs=1, xl_docs=2, rows=iter(rows), tokenizer=True)
     assert "TIKTOKEN_CACHE_DIR" not in os.environ or os.environ["TIKTOKEN_CACHE_DIR"] != str(tmp_path / "f" / "tiktoken")
+
+
+def _documents(mix, n_docs=600, lengths=(20, 200), seed=0):
+    """A split of documents of random lengths whose sources are drawn with probabilities ``mix``: the per-token
+    source index (uint8), as token_sources gives it."""
+    rng = np.random.default_rng(seed)
+    src = rng.choice(len(mix), size=n_docs, p=np.asarray(mix) / sum(mix))
+    return np.repeat(src, rng.integers(*lengths, size=n_docs)).astype(np.uint8)
+
+
+def test_windows_by_source_follow_the_target_shares_not_the_splits():
+    names = ["a", "b", "c", "d"]
+    src = _documents([0.1, 0.2, 0.3, 0.4])              # the split's own mix
+    target = {"a": 40.0, "b": 30.0, "c": 20.0, "d": 10.0}  # e.g. the training mix, in percent
+    n, seq_len = 37, 15
+    starts = data.sample_windows_by_source(src, names, target, n, seq_len, seed=0)
+    width = seq_len + 1
+    assert len(starts) == n and (np.diff(starts) >= width).all()        # sorted, non-overlapping
+    assert (starts % width == 0).all() and starts[-1] + width <= len(src)  # aligned slots, inside the split
+    win = src[starts[:, None] + np.arange(width)]
+    assert (win == win[:, :1]).all()                                    # every window from one source alone
+    counts = np.bincount(win[:, 0], minlength=4)
+    quota = np.array([target[k] for k in names]) / 100 * n
+    assert counts.sum() == n and (np.abs(counts - quota) < 1).all()     # within one window of its quota
+    assert counts.tolist() == [15, 11, 7, 4]                            # 14.8, 11.1, 7.4, 3.7: largest remainders
+    tok = np.bincount(win[:, 1:].reshape(-1), minlength=4) / (n * seq_len)
+    assert np.allclose(tok, counts / n)                                 # token shares = window shares
+    uniform = data.sample_windows(len(src), n, seq_len, seed=0)          # the uniform sample keeps the split's mix
+    assert np.bincount(src[uniform + 1], minlength=4)[0] < counts[0]
+    # seeded: the same seed draws the same windows, another seed others, and a source's windows spread over the split
+    assert np.array_equal(starts, data.sample_windows_by_source(src, names, target, n, seq_len, seed=0))
+    assert not np.array_equal(starts, data.sample_windows_by_source(src, names, target, n, seq_len, seed=1))
+    many = data.sample_windows_by_source(src, names, target, 200, seq_len, seed=2)
+    assert many.max() > 0.9 * len(src) and many.min() < 0.1 * len(src)
+    # fractions or percents, the same draw; a source of the split left out of the shares, or at 0, gets nothing
+    assert np.array_equal(starts, data.sample_windows_by_source(src, names, {k: v / 100 for k, v in target.items()},
+                                                                n, seq_len, seed=0))
+    only = data.sample_windows_by_source(src, names, {"b": 1.0, "c": 0.0}, 20, seq_len, seed=0)
+    assert set(src[only].tolist()) == {1}
+
+
+def test_windows_by_source_round_by_largest_remainder():
+    src = _documents([1, 1, 1])
+    starts = data.sample_windows_by_source(src, ["a", "b", "c"], {"a": 1, "b": 1, "c": 1}, 10, 15)
+    assert np.bincount(src[starts], minlength=3).tolist() == [4, 3, 3]   # ties go to the first named
+
+
+def test_windows_by_source_without_a_source_in_the_split_say_so_and_fill_from_the_others():
+    src = _documents([1, 1, 1])
+    with pytest.warns(UserWarning, match=r"zz \(25.0%\).*get none"):
+        starts = data.sample_windows_by_source(src, ["a", "b", "c"], {"a": 1, "b": 1, "c": 1, "zz": 1}, 12, 15)
+    assert len(starts) == 12 and np.bincount(src[starts], minlength=3).tolist() == [4, 4, 4]
+
+
+def test_windows_by_source_shortfall_raises_or_shrinks_keeping_the_mix():
+    names = ["a", "b"]
+    src = np.concatenate([np.zeros(16 * 50, np.uint8), np.ones(16 * 5, np.uint8), [1]])  # 50 windows of a, 5 of b
+    # 25 windows at 60/40 need 10 of b; 13 is the most that fits (7.8 + 5.2 -> 8 + 5; 14 would need 6 of b)
+    with pytest.raises(ValueError, match=r"b needs 10, has 5.*at most 13 windows fit"):
+        data.sample_windows_by_source(src, names, {"a": 0.6, "b": 0.4}, 25, 15)
+    with pytest.warns(UserWarning, match="drawing 13"):
+        starts = data.sample_windows_by_source(src, names, {"a": 0.6, "b": 0.4}, 25, 15, shortfall="shrink")
+    assert np.bincount(src[starts], minlength=2).tolist() == [8, 5]
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(n=100), "hold only"),                              # more windows than the split holds
+    (dict(n=0), "n >= 1"),
+    (dict(shares={"a": -1.0, "b": 2.0}), "non-negative"),
+    (dict(shares={"a": float("nan")}), "non-negative"),
+    (dict(shares={"a": 0.0, "b": 0.0}), "sum to 0"),
+    (dict(shares={"zz": 1.0}), "no source"),                 # none of the named sources is in the split
+    (dict(names=["a"]), "index 1"),                          # sources point past names
+    (dict(shortfall="cap"), "shortfall"),
+])
+def test_windows_by_source_refuse_impossible_requests(args, match):
+    src = np.repeat(np.array([0, 1], np.uint8), 16 * 20)    # 40 windows of 16 (39 slots: one token kept spare)
+    kw = dict(sources=src, names=["a", "b"], shares={"a": 1.0, "b": 1.0}, n=10, seq_len=15) | args
+    with pytest.raises(ValueError, match=match):
+        data.sample_windows_by_source(**kw)

@@ -706,11 +706,22 @@ class Corpus:
     the whole split (``data.sample_windows``) and then put into batches in a seeded random order, so each
     batch mixes the sources as a training batch does (evidence standard, rule 8: never the first N tokens
     of a source-ordered file). ``val_sources`` (a per-token source index) lets ``evaluate`` report the
-    loss per source."""
+    loss per source.
+
+    A uniform sample has the validation split's source mix, which is not the training split's when the
+    split is by document and some documents are large (corpus-xl: gcide 29% of train, 34% of val). With
+    ``match_shares`` ({source name: share}, e.g. the training split's percentages) and ``val_sources`` and
+    ``source_names``, the windows are drawn per source instead (``data.sample_windows_by_source``): each
+    source gets its share of the windows (largest-remainder rounding), drawn uniformly among the aligned
+    windows whose tokens all come from it, so the sample's token mix is the given one; batches are then
+    shuffled as before. A source of ``match_shares`` with no such window in the split gets none (a warning
+    says so and the others fill its part); if a source has too few such windows for its share, the sample
+    shrinks to the most windows that keep the mix (a warning says so, and ``len(val_starts)`` is smaller).
+    Without ``match_shares`` the sample is the uniform one, unchanged."""
 
     def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, batch_size: int, eval_batches: int,
                  device, *, val_sources: np.ndarray | None = None, source_names: list[str] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, match_shares: dict[str, float] | None = None):
         from repro_utils import data
 
         self.train = torch.from_numpy(np.asarray(train, dtype=np.int64)).to(device)
@@ -718,7 +729,16 @@ class Corpus:
         n_win = min(eval_batches * batch_size, (len(val) - 1) // (seq_len + 1))
         if n_win < 1:
             raise ValueError(f"{len(val)} validation tokens cannot fill one window of {seq_len}")
-        starts = data.sample_windows(len(val), n_win, seq_len, seed=seed)
+        if match_shares is None:
+            starts = data.sample_windows(len(val), n_win, seq_len, seed=seed)
+        else:
+            if val_sources is None or source_names is None:
+                raise ValueError("match_shares needs val_sources and source_names (the source of every validation token)")
+            if len(val_sources) != len(val):
+                raise ValueError(f"val_sources has {len(val_sources)} entries for {len(val)} validation tokens")
+            starts = data.sample_windows_by_source(val_sources, source_names, match_shares, n_win, seq_len,
+                                                   seed=seed, shortfall="shrink")
+            n_win = len(starts)
         starts = starts[np.random.default_rng(seed).permutation(n_win)]  # batches mix sources
         self.val_starts = starts
         x, y = data.windows(val, starts, seq_len, device=device)

@@ -11,7 +11,8 @@ Order of preference for text:
 
 Every document carries its ``source`` (wiki, sotu, brown, ...; FineWeb's are all "fineweb"), so a chapter can
 report validation loss per source (``token_sources``) and draw a shuffled sample of windows from the whole
-split (``sample_windows``) instead of its first few batches, which follow the order of the file.
+split (``sample_windows``) instead of its first few batches, which follow the order of the file, or one whose
+source mix is a given one, e.g. the training split's (``sample_windows_by_source``).
 
 GPT-2 tokens come from tiktoken; with ``REPRO_DATA_DIR`` set its BPE files are read from
 ``$REPRO_DATA_DIR/tiktoken`` (``TIKTOKEN_CACHE_DIR``), so no download is needed.
@@ -192,6 +193,98 @@ def sample_windows(n_tokens: int, n: int, seq_len: int, *, seed: int = 0) -> np.
         raise ValueError(f"{n_tokens} tokens hold only {slots} windows of {seq_len + 1}, not {n}")
     picked = np.random.default_rng(seed).choice(slots, size=n, replace=False)
     return np.sort(picked) * (seq_len + 1)
+
+
+def _largest_remainder(n: int, weights: np.ndarray) -> np.ndarray:
+    """``n`` split into integer counts proportional to ``weights`` (non-negative, positive sum) by the largest-remainder
+    (Hamilton) rule: every count is the floor of its quota or one more, so each is within one of its quota. Ties in
+    the remainders go to the earlier weight."""
+    quota = n * weights / weights.sum()
+    counts = np.floor(quota).astype(np.int64)
+    left = n - int(counts.sum())
+    if left:
+        counts[np.argsort(-(quota - counts), kind="stable")[:left]] += 1
+    return counts
+
+
+def sample_windows_by_source(sources: np.ndarray, names: list[str], shares: dict[str, float], n: int, seq_len: int,
+                             *, seed: int = 0, shortfall: str = "raise") -> np.ndarray:
+    """Start offsets of ``n`` non-overlapping windows of seq_len + 1 tokens from a split, stratified by source so
+    that the sample's source mix is ``shares`` (e.g. the training split's mix) rather than the split's own. Sorted,
+    like ``sample_windows``, and on the same aligned slots (multiples of seq_len + 1).
+
+    ``sources`` is the split's per-token source index and ``names`` its names (``token_sources``); ``shares`` maps
+    a source name to its target share, in any unit (percent or fraction: it is normalised). Each source gets a
+    number of windows proportional to its share, rounded by the largest-remainder rule (so within one window of
+    its quota, and the counts sum to ``n``), drawn uniformly (seeded) without replacement among the slots whose
+    seq_len + 1 tokens all come from that source. Whole-source windows rather than windows labelled by the source
+    of their first target token: a window then adds seq_len target tokens of exactly its source, so the sample's
+    token shares (what a per-token metric such as the routed load averages over) equal the window shares exactly;
+    a window labelled by one token would bring in the next documents' tokens, from whatever sources follow it in
+    the file, and the token mix would drift from the target (most for sources of short documents). The price:
+    document boundaries between two sources are never sampled, and a source whose documents are short next to
+    seq_len + 1 has few such slots.
+
+    A source of ``shares`` with no whole-source slot in the split (absent from it, or only in documents shorter
+    than a window and between other sources' documents) gets no window: the others' shares are scaled up to fill
+    ``n``, with a warning that names it. A source with fewer slots than its count is a shortfall:
+    ``shortfall="raise"`` (default) raises ValueError, saying the largest ``n`` that fits; ``"shrink"`` draws
+    that many windows instead, with a warning (the mix still matches; the sample is smaller). Sources of the
+    split that ``shares`` does not name, or gives 0, get no window.
+    """
+    if shortfall not in ("raise", "shrink"):
+        raise ValueError(f"shortfall must be 'raise' or 'shrink', not {shortfall!r}")
+    if n < 1 or seq_len < 1:
+        raise ValueError(f"need n >= 1 and seq_len >= 1, got n={n}, seq_len={seq_len}")
+    bad = {k: v for k, v in shares.items() if not (np.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"shares must be finite and non-negative: {bad}")
+    if sum(shares.values()) <= 0:
+        raise ValueError(f"shares sum to {sum(shares.values())}: no source to draw from")
+    src = np.asarray(sources)
+    if len(names) and src.size and int(src.max()) >= len(names):
+        raise ValueError(f"sources holds index {int(src.max())} but names has only {len(names)} entries")
+    width = seq_len + 1
+    n_slots = (len(src) - 1) // width if len(src) else 0
+    if n > n_slots:
+        raise ValueError(f"{len(src)} tokens hold only {n_slots} windows of {width}, not {n}")
+    block = src[: n_slots * width].reshape(n_slots, width)
+    whole = (block == block[:, :1]).all(axis=1)                   # slots whose tokens all share one source
+    slot_src = np.where(whole, block[:, 0].astype(np.int64), -1)
+    index = {name: i for i, name in enumerate(names)}
+    wanted = [(name, float(v)) for name, v in shares.items() if v > 0]
+    pools = {name: np.flatnonzero(slot_src == index[name]) if name in index else np.zeros(0, np.int64)
+             for name, _ in wanted}
+    total = sum(v for _, v in wanted)
+    missing = {name: v for name, v in wanted if len(pools[name]) == 0}
+    present = [(name, v) for name, v in wanted if len(pools[name])]
+    if not present:
+        raise ValueError(f"no source of shares {sorted(shares)} has a window of {width} tokens in the split "
+                         f"(its sources: {list(names)})")
+    if missing:
+        import warnings
+
+        lost = sum(missing.values()) / total
+        warnings.warn(f"sources {', '.join(f'{k} ({100 * v / total:.1f}%)' for k, v in missing.items())} have no "
+                      f"window of {width} tokens of their own in the split: they get none, and the other sources' "
+                      f"shares are scaled up by 1/{1 - lost:.3f} to fill the {n} windows", stacklevel=2)
+    weights = np.array([v for _, v in present])
+    avail = np.array([len(pools[name]) for name, _ in present])
+    counts = _largest_remainder(n, weights)
+    if (counts > avail).any():
+        fits = next(m for m in range(n, 0, -1) if (_largest_remainder(m, weights) <= avail).all())
+        short = ", ".join(f"{present[i][0]} needs {counts[i]}, has {avail[i]}" for i in np.flatnonzero(counts > avail))
+        msg = (f"the split holds too few windows of {width} tokens from one source for {n} windows in these "
+               f"shares ({short}); at most {fits} windows fit")
+        if shortfall == "raise":
+            raise ValueError(msg + ": ask for fewer, or pass shortfall='shrink'")
+        import warnings
+
+        warnings.warn(msg + f": drawing {fits}", stacklevel=2)
+        counts = _largest_remainder(fits, weights)
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(pools[name], size=int(k), replace=False) for (name, _), k in zip(present, counts)]
+    return np.sort(np.concatenate(picked)) * width
 
 
 def windows(tokens: np.ndarray, starts, seq_len: int, *, device="cpu"):
