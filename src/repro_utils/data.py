@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -262,8 +263,6 @@ def sample_windows_by_source(sources: np.ndarray, names: list[str], shares: dict
         raise ValueError(f"no source of shares {sorted(shares)} has a window of {width} tokens in the split "
                          f"(its sources: {list(names)})")
     if missing:
-        import warnings
-
         lost = sum(missing.values()) / total
         warnings.warn(f"sources {', '.join(f'{k} ({100 * v / total:.1f}%)' for k, v in missing.items())} have no "
                       f"window of {width} tokens of their own in the split: they get none, and the other sources' "
@@ -278,8 +277,6 @@ def sample_windows_by_source(sources: np.ndarray, names: list[str], shares: dict
                f"shares ({short}); at most {fits} windows fit")
         if shortfall == "raise":
             raise ValueError(msg + ": ask for fewer, or pass shortfall='shrink'")
-        import warnings
-
         warnings.warn(msg + f": drawing {fits}", stacklevel=2)
         counts = _largest_remainder(fits, weights)
     rng = np.random.default_rng(seed)

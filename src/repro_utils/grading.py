@@ -400,20 +400,19 @@ def _ladder(claim: Claim, scale: str) -> list[tuple[str, list[tuple[str, dict]]]
         ([(PARTIAL, partial)] if partial else [])
 
 
-def _control(claim: Claim, m: Measurement) -> tuple[bool, str]:
-    """Whether the declared control shows the setting can exhibit the effect, and what it measured."""
+def _control(claim: Claim, m: Measurement) -> tuple[str, str]:
+    """The declared control's verdict (PASS, FAIL or STRADDLE; FAIL where it was not measured or has no interval)
+    and what it measured."""
     spec = claim.control
     if m.control is None:
-        return False, f"its control ({spec['what']}) was not measured"
+        return FAIL, f"its control ({spec['what']}) was not measured"
     iv = interval_for(claim, m.control)
     if isinstance(iv, str):
-        return False, f"its control ({spec['what']}) has no interval: {iv}"
+        return FAIL, f"its control ({spec['what']}) has no interval: {iv}"
     v = verdict(spec["holds_if"], iv)
     what = (f"control ({spec['what']}) measured {iv.describe(spec.get('unit', ''))} ({m.control['setting']}), "
             f"needs {describe_test(spec['holds_if'], spec.get('unit', ''))}")
-    if v == PASS:
-        return True, what
-    return False, what + (": it fails" if v == FAIL else ": inconclusive")
+    return v, what + {PASS: "", FAIL: ": it fails", STRADDLE: ": inconclusive"}[v]
 
 
 def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
@@ -453,14 +452,14 @@ def grade(claim: Claim, m: Measurement | None, profile: str) -> Grade:
             # a declared control that fails is said too: it would withhold the grade even if the interval decided
             also = ""
             if claim.control:
-                ok, what = _control(claim, m)
-                also = "" if ok else f"; and even a decided interval would not count: {what}"
+                state, what = _control(claim, m)
+                also = "" if state == PASS else f"; and even a decided interval would not count: {what}"
             return Grade(UNVERIFIED, f"Inconclusive: the interval [{fmt(iv.lo)}, {fmt(iv.hi)}] straddles the "
                                      f"bar ({bar}){also}; {measured}; {rule}.", iv, scale)
     if claim.control:
-        ok, what = _control(claim, m)
-        if not ok:
-            if what.endswith(": inconclusive"):  # the control's own interval straddles its bar: the run cannot tell
+        state, what = _control(claim, m)
+        if state != PASS:
+            if state == STRADDLE:  # the control's own interval straddles its bar: the run cannot tell
                 return Grade(UNVERIFIED, f"Inconclusive: the control's interval straddles its bar, so the run cannot "
                                          f"tell whether the setting could show the effect: "
                                          f"{what.removesuffix(': inconclusive')}; {measured}; {rule}.", iv, scale)

@@ -9,6 +9,7 @@ own file, so an H100 run and an H200 run sit side by side; earlier runs of a dev
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 
 from repro_utils.claims import Claim, Goal, schema
 from repro_utils.grading import Grade, Measurement, grade, grade_goal
@@ -117,21 +119,17 @@ def graded_later(root: str | Path, data: dict, kind: str, cid: str) -> dict | No
     return None
 
 
-_IDS_AT: dict[tuple[str, str, str], frozenset[str] | None] = {}
-
-
-def ids_declared_at(root: str | Path, chapter: str, commit: str) -> frozenset[str] | None:
+@functools.cache
+def ids_declared_at(root: str, chapter: str, commit: str) -> frozenset[str] | None:
     """The claim and goal ids in a chapter's claims.yaml at ``commit``; None where git cannot say (no history,
     a shallow clone, a commit that never had the file)."""
-    key = (str(root), chapter, commit)
-    if key not in _IDS_AT:
-        try:
-            text = subprocess.run(["git", "show", f"{commit}:chapters/{chapter}/claims.yaml"], cwd=root,
-                                  capture_output=True, text=True, check=True).stdout
-            _IDS_AT[key] = frozenset(re.findall(r"^\s*- id:\s*([\w.-]+)", text, re.M))
-        except (OSError, subprocess.CalledProcessError):
-            _IDS_AT[key] = None
-    return _IDS_AT[key]
+    try:
+        text = subprocess.run(["git", "show", f"{commit}:chapters/{chapter}/claims.yaml"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    d = yaml.safe_load(text) or {}
+    return frozenset(e["id"] for e in (d.get("claims") or []) + (d.get("goals") or []))
 
 
 DECLARED_AFTER = "declared after this run"
@@ -142,7 +140,7 @@ def declared_after_run(root: str | Path, data: dict, cid: str) -> bool:
     cannot say). A regrade (``repro regrade``) re-grades an older ledger under today's claims.yaml, so a claim
     declared since then sits in it unmeasured: it was never that run's to test. The regrade stamps such an entry
     (``why_untested`` starting with ``DECLARED_AFTER``), so tables need no git history to say so."""
-    ids = ids_declared_at(root, data["chapter"], data["fingerprint"].get("commit", ""))
+    ids = ids_declared_at(str(root), data["chapter"], data["fingerprint"].get("commit", ""))
     return ids is not None and cid not in ids
 
 

@@ -25,9 +25,9 @@ A grade marked **unstable** came out two different ways on two devices or in two
 protocol (an inconclusive interval against a decided grade counts); its explanation is in
 [Corrections](corrections.md). **yes** means two devices' latest runs carried out the test and decided it the
 same way (*yes (protocols differ)*: under different declared protocols); **decided once** means only one run
-has; a run that did not test a claim, had too few replicates or measured a substitute replicates nothing. Goals are targets the course set itself: met or not met, never counted as
-reproductions. "Declared …, not yet run" marks a claim or goal written down, with its test, before the run that
-will grade it.
+has; a run that did not test a claim, had too few replicates or measured a substitute replicates nothing.
+Goals are targets the course set itself: met or not met, never counted as reproductions. "Declared …, not yet
+run" marks a claim or goal written down, with its test, before the run that will grade it.
 """
 
 
@@ -113,14 +113,11 @@ def _stable(stab: dict, chapter: str, cid: str, log: list[str]) -> str:
         return "—"
     if any(r["unstable"] for r in recs):
         return "**unstable** (explained in Corrections)" if explained(log, chapter, cid) else "**unstable**"
-    views = [{r["views"][d] for d, ok in r["decisive"].items() if ok} for r in recs]
-    decided = max(sum(r["decisive"].values()) for r in recs)
-    if decided == 0:
-        return "not decided yet"
-    if decided == 1:
-        return "decided once"
-    return "yes" if any(len(v) == 1 and sum(r["decisive"].values()) > 1 for r, v in zip(recs, views)) \
-        else "yes (protocols differ)"
+    decided = [[r["views"][d] for d, ok in r["decisive"].items() if ok] for r in recs]  # per profile
+    most = max(len(v) for v in decided)
+    if most < 2:
+        return "decided once" if most else "not decided yet"
+    return "yes" if any(len(v) > 1 and len(set(v)) == 1 for v in decided) else "yes (protocols differ)"
 
 
 def write(root: str | Path) -> Path:
