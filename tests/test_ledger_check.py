@@ -297,6 +297,42 @@ def test_a_schema_1_ledger_must_be_regraded(course):
     assert any("predates the evidence standard" in p for p in check(course))
 
 
+def test_agreeing_grades_under_different_run_parameters_read_protocols_differ(course):
+    """Two devices that decided a claim alike count as a rerun ("yes") only where their runs had the same
+    parameters; a different n (or training steps, batch size ...) makes them two protocols. The time budget, the
+    sections run and the base seed do not."""
+    def row(cid):
+        return next(ln for ln in (course / "book" / "scoreboard.md").read_text().splitlines()
+                    if ln.startswith(f"| {cid} |"))
+
+    device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    h200 = device_ledger(course, "NVIDIA H200", 1.9)
+    assert row("needs-gpu").endswith("| yes |"), row("needs-gpu")
+    data = json.loads(h200.read_text())
+    data["parameters"].update(budget_s=99.0, seed=7)  # what a run may take, and another draw: the same protocol
+    ledger.write(h200, data)
+    scoreboard.write(course)
+    assert row("needs-gpu").endswith("| yes |"), row("needs-gpu")
+    data["parameters"]["n"] = 2000000  # a different run
+    ledger.write(h200, data)
+    scoreboard.write(course)
+    assert row("needs-gpu").endswith("| yes (protocols differ) |"), row("needs-gpu")
+    assert check(course) == []
+
+
+def test_a_flip_under_the_same_declared_test_is_unstable_whatever_the_run_parameters(course):
+    """The run's parameters are the chapter's, not the claim's: they never excuse a flip (a kernel timing does not
+    depend on how long chapter 04 trained its model), so `repro check` still asks Corrections to explain it."""
+    device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
+    h200 = device_ledger(course, "NVIDIA H200", 1.2)  # Reproduced against Not reproduced
+    data = json.loads(h200.read_text())
+    data["parameters"]["n"] = 2000000
+    ledger.write(h200, data)
+    scoreboard.write(course)
+    problems = check(course)
+    assert len(problems) == 1 and "'needs-gpu' is unstable" in problems[0], problems
+
+
 def test_untested_on_one_device_and_decided_on_another_is_not_unstable(course):
     device_ledger(course, "NVIDIA H100 80GB HBM3", 1.8)
     device_ledger(course, "NVIDIA H200", None)  # needs-gpu untested there: Unverified, no contradiction

@@ -299,9 +299,24 @@ def check_identity(root: Path, chapters: dict) -> list[str]:
     return sorted(set(problems))
 
 
+# Parameters that do not change what a run measures: how long it may take, which sections it runs, its base seed
+# (another seed is another draw of the same protocol) and its profile.
+RUN_ONLY_PARAMETERS = frozenset({"budget_s", "parts", "seed", "profile"})
+
+
+def run_protocol(data: dict) -> str:
+    """The run's side of a protocol: its parameters (training steps, batch, model size, ...), less those that do not
+    change what it measures. The parameters are the chapter's, not the claim's, so two runs whose parameters differ
+    may still have measured a given claim alike (chapter 04's training steps do not touch its kernel timings):
+    the scoreboard uses this only to say "protocols differ" beside agreeing grades, never to excuse a flip."""
+    return json.dumps({k: v for k, v in data.get("parameters", {}).items() if k not in RUN_ONLY_PARAMETERS},
+                      sort_keys=True)
+
+
 def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
     """Per claim or goal id: the grade on each device (latest run) and whether it is unstable, that is,
-    graded differently by two devices, or by two consecutive runs of one device, at the same protocol."""
+    graded differently by two devices, or by two consecutive runs of one device, under the same declared test
+    (``views``; the run's parameters, ``runs``, are kept beside it for the scoreboard)."""
     out: dict[str, dict] = {}
     for f in sorted((root / "results" / profile / chapter).glob("*.json")):
         try:
@@ -310,10 +325,11 @@ def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
             continue  # reported by check() itself
         device = data["fingerprint"]["device"]
         for c in _entries(data):
-            rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "flips": [], "decisive": {}})
+            rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "runs": {}, "flips": [], "decisive": {}})
             rec["grades"][device] = c["grade"]
             rec["decisive"][device] = _decisive(c)
             rec["views"][device] = json.dumps(_view(c), sort_keys=True)
+            rec["runs"][device] = run_protocol(data)
         rel = str(f.relative_to(root))
         versions = ledger_versions(root, rel)
         for (_, a), (lbl, b) in zip(versions, versions[1:]):

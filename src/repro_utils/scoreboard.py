@@ -24,7 +24,9 @@ fails when it is out of date). How to read a grade, an interval and a scale: [Me
 A grade marked **unstable** came out two different ways on two devices or in two runs at the same
 protocol (an inconclusive interval against a decided grade counts); its explanation is in
 [Corrections](corrections.md). **yes** means two devices' latest runs carried out the test and decided it the
-same way (*yes (protocols differ)*: under different declared protocols); **decided once** means only one run
+same way at one protocol (the claim's declared test and the run's parameters, such as training steps or batch
+size); *yes (protocols differ)*: the same grade where the declared test or the run's parameters differ (the
+parameters are the chapter's, so some of them may not touch that claim); **decided once** means only one run
 has; a run that did not test a claim, had too few replicates or measured a substitute replicates nothing.
 Goals are targets the course set itself: met or not met, never counted as reproductions. "Declared …, not yet
 run" marks a claim or goal written down, with its test, before the run that will grade it.
@@ -113,7 +115,8 @@ def _stable(stab: dict, chapter: str, cid: str, log: list[str]) -> str:
         return "—"
     if any(r["unstable"] for r in recs):
         return "**unstable** (explained in Corrections)" if explained(log, chapter, cid) else "**unstable**"
-    decided = [[r["views"][d] for d, ok in r["decisive"].items() if ok] for r in recs]  # per profile
+    # per profile: each decided device's protocol (the declared test and the run's parameters)
+    decided = [[(r["views"][d], r["runs"][d]) for d, ok in r["decisive"].items() if ok] for r in recs]
     most = max(len(v) for v in decided)
     if most < 2:
         return "decided once" if most else "not decided yet"
