@@ -324,12 +324,13 @@ def stability(root: Path, chapter: str, profile: str) -> dict[str, dict]:
         except ledger.LedgerError:
             continue  # reported by check() itself
         device = data["fingerprint"]["device"]
+        params = run_protocol(data)  # the chapter's, the same for every entry of this run
         for c in _entries(data):
             rec = out.setdefault(c["id"], {"grades": {}, "views": {}, "runs": {}, "flips": [], "decisive": {}})
             rec["grades"][device] = c["grade"]
             rec["decisive"][device] = _decisive(c)
             rec["views"][device] = json.dumps(_view(c), sort_keys=True)
-            rec["runs"][device] = run_protocol(data)
+            rec["runs"][device] = params
         rel = str(f.relative_to(root))
         versions = ledger_versions(root, rel)
         for (_, a), (lbl, b) in zip(versions, versions[1:]):
