@@ -403,6 +403,32 @@ def test_a_pending_declaration_waits_for_its_run_and_then_must_drop_the_mark(cou
     assert any("'later-claim' is graded by this run" in p and "remove `pending`" in p for p in check(course))
 
 
+def test_a_claim_retired_after_a_run_stays_in_its_ledger_only_with_a_dated_retired_line(course):
+    """Rule 7: a claim whose test changes is retired for a new id. Its old runs keep grading it (their history, not
+    edited); `repro check` accepts that only where book/corrections.md retires it on a dated line, and says how."""
+    gpu_ledger(course)
+    f = course / "chapters" / "00_selftest" / "claims.yaml"
+    text = f.read_text()
+    start = text.index("  - id: needs-gpu")
+    end = text.find("\n  - id:", start + 1)
+    f.write_text(text[:start] + (text[end + 1:] if end != -1 else ""))
+    scoreboard.write(course)
+    problems = check(course)
+    assert any("'needs-gpu' is graded but no longer declared" in p and "retired as" in p for p in problems), problems
+    log = course / "book" / "corrections.md"
+    for line, ok in [("- 00_selftest / needs-gpu · retired as needs-gpu-2 · undated", False),
+                     ("- 2026-12-06 · 00_selftest / uniform-mean · retired as another-id · not this claim", False),
+                     ("- 2026-12-06 · 00_selftest / needs-gpu · Reproduced → Unverified · not a retirement", False),
+                     ("- 2026-12-06 · 00_selftest / needs-gpu · retired as needs-gpu-2 (pending its first run) · why",
+                      True)]:
+        log.write_text("# Corrections\n\n## Log\n\n" + line + "\n")
+        scoreboard.write(course)
+        flagged = any("'needs-gpu' is graded but no longer declared" in p for p in check(course))
+        assert flagged != ok, line
+    assert check(course) == []
+    assert "needs-gpu" not in (course / "book" / "scoreboard.md").read_text()  # the board shows declared claims only
+
+
 def test_a_claim_declared_after_one_devices_run_is_excused_only_by_a_later_run_that_grades_it(course):
     """Two devices: the H100's run came before a claim was declared, the H200's after, and it grades the claim.
     The H100 ledger may lack it (the scoreboard says it was declared after that run); without the later run, or

@@ -316,7 +316,45 @@ def scalar_map_range(iterations: int = 200, steps_tail: int = 2, grid: int = 200
     return float(t.min()), float(t.max())
 
 
+def ns_lift_threshold(steps: int = 5, level: float = 0.68, lo: float = 1e-9) -> float:
+    """The smallest normalised singular value that ``steps`` applications of the quintic lift to ``level`` or above:
+    inputs below it end below ``level``. The map is increasing from 0 up to its first crossing, so the crossing is
+    found by bisection in log space after a scan (float64). Five steps: about 0.0015 (0.003 already ends at 1.11)."""
+    a, b, c = NS_COEFFS
+
+    def p(x):
+        for _ in range(steps):
+            x = a * x + b * x**3 + c * x**5
+        return x
+
+    x = np.logspace(math.log10(lo), 0, 4001)
+    above = np.nonzero(p(x) >= level)[0]
+    if len(above) == 0 or above[0] == 0:
+        raise ValueError(f"{steps} steps reach {level} from no start in [{lo}, 1], or from every one")
+    left, right = math.log(x[above[0] - 1]), math.log(x[above[0]])
+    for _ in range(100):
+        mid = (left + right) / 2
+        left, right = (mid, right) if p(math.exp(mid)) < level else (left, mid)
+    return math.exp(right)
+
+
 ORTHO_METHODS = ("ns5", "svd", "newton")
+
+
+def ortho_arm(method: str, ns_steps: int = 5) -> tuple[str, int]:
+    """(method, Newton-Schulz steps) that ``orthogonalize`` takes for the name of one of Muon's orthogonalisations.
+
+    "ns5" is the quintic iteration, run for ``ns_steps`` steps (the records: five); "ns1" ... "ns9" name the same
+    quintic cut short (or run longer) at that many steps, e.g. "ns2" for §4's control arm, a deliberately worse
+    orthogonalisation; "svd" and "newton" are the exact polar factor U V^T (steps unused)."""
+    if len(method) == 3 and method[:2] == "ns" and method[2].isdigit() and method != "ns5":
+        steps = int(method[2])
+        if steps < 1:
+            raise ValueError(f"{method!r}: Newton-Schulz needs at least one step")
+        return "ns5", steps
+    if method not in ORTHO_METHODS:
+        raise ValueError(f"method must be one of {ORTHO_METHODS} or 'ns1'...'ns9', not {method!r}")
+    return method, ns_steps
 
 
 def orthogonalize(mats: list[torch.Tensor], chunks: list[int], steps: int = 5, method: str = "ns5") -> list[torch.Tensor]:
@@ -396,6 +434,7 @@ class Muon(torch.optim.Optimizer):
         params = list(params)
         if not params or any(p.ndim != 2 for p in params):
             raise ValueError("Muon takes a non-empty list of 2-D matrices; give embeddings, head, gains and biases to AdamW")
+        method, ns_steps = ortho_arm(method, ns_steps)  # "ns2": the quintic for two steps (a worse orthogonalisation)
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, method=method))
         self.keep_inputs = False  # when True, the next step keeps (param, NS input) pairs in self.kept
@@ -466,7 +505,8 @@ class RunConfig:
     compile: bool = False
     keep_ns_inputs_at: float | None = None  # fraction of the run at which Muon keeps its NS inputs
     head_lr: float | None = None  # untied models: AdamW lr of the head alone (record 8: 0.002); None = embed_lr
-    ortho: str = "ns5"  # Muon's orthogonalisation: "ns5" (Newton-Schulz), or the exact polar factor: "svd", "newton"
+    ortho: str = "ns5"  # Muon's orthogonalisation: "ns5" (Newton-Schulz), "ns1"-"ns9" (that many steps: see ortho_arm),
+    # or the exact polar factor: "svd", "newton"
     branches: tuple[float, ...] = ()  # shorter budgets (fractions of tokens) forked from this run (see train)
 
 
@@ -879,6 +919,65 @@ def budget_to_target(budgets: list[float], finals: list[float], target: float) -
     if l0 == l1:
         return float("nan"), "extrapolated"
     return math.exp(math.log(b0) + (math.log(b1) - math.log(b0)) * (l0 - target) / (l0 - l1)), "extrapolated"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6b. §4's test: each orthogonalisation at its own tuned learning rate
+
+
+def polar_arms(control_steps: int) -> dict[str, str]:
+    """§4's three arms, name -> ``RunConfig.ortho``: Muon's five Newton-Schulz steps, the exact polar factor U V^T
+    (``polar_newton``), and the control, the same quintic cut to ``control_steps`` steps: an orthogonalisation that
+    is worse by construction, which the setting must be able to tell from the exact one."""
+    if not 1 <= control_steps <= 4:
+        raise ValueError(f"the control arm takes 1 to 4 Newton-Schulz steps (fewer than NS5's), not {control_steps}")
+    return {"NS5": "ns5", "exact": "newton", f"NS{control_steps}": f"ns{control_steps}"}
+
+
+def best_rate(finals: dict[float, float]) -> tuple[float, bool]:
+    """(the learning rate whose run ended at the lowest validation loss, whether that optimum is bracketed).
+
+    Bracketed means a rate on each side of the best one was swept and ended higher: a best rate at the smallest or
+    the largest rate of the sweep may have its optimum beyond it, so an arm tuned that way is not shown to be
+    tuned (evidence standard, rule 3). A sweep of fewer than three rates brackets nothing."""
+    if not finals:
+        raise ValueError("no runs to pick a rate from")
+    if not all(math.isfinite(v) for v in finals.values()):
+        finals = {lr: (v if math.isfinite(v) else math.inf) for lr, v in finals.items()}  # a diverged run loses
+    rates = sorted(finals)
+    best = min(rates, key=lambda lr: (finals[lr], lr))
+    return best, len(rates) >= 3 and rates[0] < best < rates[-1]
+
+
+def check_polar_params(P: dict) -> None:
+    """§4's parameters, checked before anything runs: every rate sweep needs three rates or more, or its best could
+    never be shown to sit between two others."""
+    from repro_utils.profiles import ParameterError
+
+    for name in ("polar_lrs", "polar_control_lrs"):
+        if len(set(P[name])) < 3:
+            raise ParameterError(f"parameter '{name}': {P[name]} has fewer than 3 distinct rates, so no best rate "
+                                 "could be shown to lie inside the sweep")
+
+
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a[s] - b[s] for every seed s, in seed order: the replicates of a paired comparison (both arms of seed s share
+    its initial weights and data order). The two arms must have run the same seeds."""
+    if set(a) != set(b):
+        raise ValueError(f"unpaired seeds: {sorted(set(a) ^ set(b))}")
+    return [a[s] - b[s] for s in sorted(a)]
+
+
+def polar_expected_s(run_s: float, run_tokens: int, tokens: int, steps: int, exact_extra_s: float,
+                     n_arms: int = 3, n_exact: int = 1) -> float:
+    """Seconds ``n_arms`` runs of ``tokens`` tokens (``steps`` optimizer steps each) should take, ``n_exact`` of
+    them with the exact polar factor: each at the pace of a typical NS5 run (``run_s`` seconds for ``run_tokens``
+    tokens), plus the exact factor's extra cost per step (``orthogonalize_seconds``). The arms with fewer
+    Newton-Schulz steps are counted at NS5's pace, a little above their cost. The budget valve uses it before the
+    sweep and before each paired seed."""
+    if run_tokens <= 0:
+        return 0.0
+    return n_arms * run_s * tokens / run_tokens + n_exact * steps * max(0.0, exact_extra_s)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
   belongs to a chapter, and every stored grade and interval re-derives from its stored replicates; the
   grading fields it stored equal those claims.yaml declares now (a test changed after the run means the
   run must be repeated or regraded, never that the grade is kept);
+- a claim or goal a ledger grades is still declared, or a dated Corrections line retires it (the ledgers of runs
+  made before keep it as their history);
 - a claim's metric, unit and tests never change under the same id across published runs (evidence
   standard, rule 7): a changed metric is a new claim;
 - a grade that changed between committed versions of a ledger has a dated line in book/corrections.md;
@@ -377,6 +379,15 @@ def _view(entry: dict) -> dict:
     return spec.grading_view()
 
 
+def retired(log: list[str], chapter: str, cid: str) -> bool:
+    """Whether a dated Corrections line retires ``cid`` ('<chapter> / <cid> · retired as <new id> · why'; a goal's
+    line may say '(goal)' after its id). A retired claim leaves claims.yaml at once, for the successor declared in its
+    place (rule 7); the ledgers of runs made before keep its grade as their history, and the chapter's next run on
+    each device no longer records it."""
+    head = re.compile(re.escape(f"{chapter} / {cid}") + r"( \(goal\))? · retired\b")
+    return any(DATED.search(ln) and head.search(ln) for ln in log)
+
+
 def explained(log: list[str], chapter: str, cid: str) -> bool:
     return any(DATED.search(ln) and f"{chapter} / {cid}" in ln and "unstable" in ln for ln in log)
 
@@ -400,6 +411,7 @@ def check(root: str | Path) -> list[str]:
     root = Path(root)
     problems: list[str] = []
     chapters = {}
+    log = correction_log(root)
     for f in sorted((root / "chapters").glob("*/claims.yaml")):
         try:
             ch = load_chapter(f)
@@ -447,7 +459,11 @@ def check(root: str | Path) -> list[str]:
                                     f"(then {then}, now {spec.grading_view()}): rerun the chapter (or `repro "
                                     "regrade` it, if only the protocol was strengthened)")
             for cid in sorted(set(stored) - {s.id for s in specs}):
-                problems.append(f"{rel}: {kind} {cid!r} is graded but no longer declared: rerun the chapter")
+                if retired(log, ch.id, cid):  # its history: this run graded it before it was retired
+                    continue
+                problems.append(f"{rel}: {kind} {cid!r} is graded but no longer declared: rerun the chapter (or "
+                                f"retire it with a dated line '- YYYY-MM-DD · {ch.id} / {cid} · retired as <new id> "
+                                "· why' in book/corrections.md)")
     problems += check_identity(root, chapters)
     problems += check_rerun_patches(root)
     problems += check_corrections(root)
