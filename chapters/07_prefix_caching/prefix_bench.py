@@ -13,7 +13,8 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   agent       the agent loop (rounds = steps), cache off / hash / radix, interleaved replicates
   control     the no-sharing trace, cache off / hash / radix, interleaved replicates: what the cache costs
   few_shot    vLLM §6.4's shared prefixes (1-shot 80, 5-shot 341 tokens) at the paper's 15.7K KV slots: Orca (Oracle)
-              reservation without sharing, paging without sharing, paging + hashed prefix blocks
+              reservation without sharing, paging without sharing, paging + hashed prefix blocks, at every request
+              count n of the declared sweep (the ratio is a step function of n: see replay_pass)
   pressure    eviction: (a) several system prompts taking turns in a pool that holds about one and a half of
               them; (b) the agent loop in a pool smaller than its agents' contexts; hit rates and throughput
 Every timing has its replicates; nothing here grades: claims.yaml and the notebook do.
@@ -56,13 +57,15 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 agent=dict(agents=16, steps=8, scaffold_len=2048, tool=(200, 400), action_tokens=16),
                 control=dict(n=64, prompt_len=(100, 1024), new_tokens=128),
                 pressure_prompts=dict(prompts=6, system_len=2048, per_prompt=4, suffix=(80, 120), new_tokens=8),
-                few_shot=dict(n=128, query=(20, 60), new_tokens=32), few_shot_slots=PAPER_SLOTS),
+                # the declared sweep of request counts (claims.yaml's header has the wave arithmetic behind it)
+                few_shot=dict(ns=[32, 64, 96, 128, 192, 256], query=(20, 60), new_tokens=32), few_shot_slots=PAPER_SLOTS,
+                few_shot_need_s=240),
     "dry": dict(model=TINY, kv_gib=0.004, max_model_len=512, scale="dry",
                 ttft_system=[64, 128, 256], ttft_suffix=(10, 14),
                 agent=dict(agents=3, steps=3, scaffold_len=48, tool=(8, 16), action_tokens=3),
                 control=dict(n=6, prompt_len=(10, 40), new_tokens=5),
                 pressure_prompts=dict(prompts=4, system_len=48, per_prompt=3, suffix=(8, 12), new_tokens=3),
-                few_shot=dict(n=8, query=(5, 9), new_tokens=3), few_shot_slots=1024),
+                few_shot=dict(ns=[4, 8, 16], query=(5, 9), new_tokens=3), few_shot_slots=1024, few_shot_need_s=0),
 }
 PARTS = ["floors", "hit_rates", "ttft", "agent", "control", "few_shot", "pressure"]
 
@@ -156,6 +159,71 @@ def interleaved(eng, w, reps, arms, num_blocks=None) -> dict:
             runs[a].append(serve_rounds(eng, w, num_blocks=num_blocks, **POLICIES[a]))
     return {"workload": w.shape, "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens,
             "num_blocks": num_blocks or eng.num_blocks, "runs": runs}
+
+
+def few_shot_sweep(eng, s, reps, vocab, seed) -> dict:
+    """vLLM §6.4's arms (Orca (Oracle), paging alone, paging + hashed blocks) at every n of the declared sweep, for
+    the 1-shot and 5-shot prefixes: {"ns": [...], "1": {str(n): interleaved(...)}, "5": {...}}."""
+    fs = dict(s["few_shot"])
+    ns = fs.pop("ns")
+    out = {"ns": ns}
+    for shots in (1, 5):
+        out[str(shots)] = {str(n): interleaved(eng, wl.few_shot(shots, n=n, **fs, vocab=vocab, seed=seed), reps,
+                                               ["oracle", "off", "hash"], num_blocks=s["few_shot_slots"] // BLOCK)
+                           for n in ns}
+    return out
+
+
+def replay_pass(w: wl.Workload, num_blocks: int, policy: dict, *, max_num_seqs: int = 256,
+                max_num_batched_tokens: int = 8192, max_model_len: int | None = 8448) -> dict:
+    """One pass of a single-round workload through the engine's scheduler without a model (every step "samples"
+    token -1): the counts that set an arm's wall time, i.e. prefill steps, decode steps, preemptions and prefill
+    tokens computed (cached ones excluded, recomputations after a preemption included), as Engine.step_log would
+    count them. The defaults are the engine's in measure(). Decode steps count the waves: an arm that holds all n
+    requests at once decodes new_tokens - 1 steps after its prefill; one that must serve them in k waves, about
+    k times that."""
+    from tinyserve.block_manager import BlockManager
+    from tinyserve.scheduler import Scheduler, Sequence
+
+    sched = Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, **policy)
+    for i, r in enumerate(w.requests):
+        sched.add(Sequence(i, list(r.prompt), r.max_new_tokens))
+    out = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens_computed": 0}
+    while (batch := sched.schedule()) is not None:
+        if batch.is_prefill:
+            out["prefill_steps"] += 1
+            out["prefill_tokens_computed"] += sum(len(q.tokens) - q.num_cached for q in batch.seqs)
+        else:
+            out["decode_steps"] += 1
+        sched.postprocess(batch, [-1] * len(batch.seqs))
+    out["preemptions"] = sched.num_preemptions
+    return out
+
+
+def step_ratio(shots: int, n: int, num_blocks: int = PAPER_SLOTS // BLOCK, num: str = "oracle", den: str = "hash",
+               seed: int = 0, query=(20, 60), new_tokens: int = 32) -> float:
+    """Decode steps of arm ``num`` over arm ``den`` on the few-shot trace of n requests: the wave count's ratio,
+    which the throughput ratio follows up to the prefill's share of the time."""
+    w = wl.few_shot(shots, n=n, query=query, new_tokens=new_tokens, seed=seed)
+    steps = {a: replay_pass(w, num_blocks, POLICIES[a])["decode_steps"] for a in (num, den)}
+    return steps[num] / steps[den]
+
+
+def sweep_ratio(rows: dict, num: str, den: str, metric: str = "output_tok_s") -> list[float]:
+    """One value per replicate: the mean over the sweep's n of that replicate's ratio num/den. rows maps each n to an
+    interleaved() result; replicate r of every arm at one n ran in the same interleaved round, so each ratio pairs
+    runs made side by side, and the mean weights every n of the sweep alike. Needs the same replicate count at
+    every n."""
+    per_n = []
+    for n, part in rows.items():
+        a, b = part["runs"][num], part["runs"][den]
+        if len(a) != len(b):
+            raise ValueError(f"n = {n}: {len(a)} runs of {num} against {len(b)} of {den}")
+        per_n.append([x[metric] / y[metric] for x, y in zip(a, b)])
+    if not per_n or len({len(v) for v in per_n}) != 1:
+        raise ValueError("every n needs the same number of replicates")
+    return [statistics.fmean(col) for col in zip(*per_n)]
 
 
 def ttft(eng, s, reps, vocab, seed) -> dict:
@@ -298,9 +366,8 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
                                       ["off", "hash", "radix"]))
     part("control", lambda: interleaved(eng, wl.no_sharing(**s["control"], vocab=vocab, seed=seed), reps,
                                         ["off", "hash", "radix"]))
-    part("few_shot", lambda: {str(k): interleaved(eng, wl.few_shot(k, **s["few_shot"], vocab=vocab, seed=seed), reps,
-                                                  ["oracle", "off", "hash"], num_blocks=s["few_shot_slots"] // BLOCK)
-                              for k in (1, 5)})
+    # need_s: skipped rather than started too late to end inside budget_s (the gpu estimate is in claims.yaml)
+    part("few_shot", lambda: few_shot_sweep(eng, s, reps, vocab, seed), need_s=s["few_shot_need_s"])
     part("pressure", lambda: pressure(eng, s, reps, vocab, seed))
     part.close()
     return res
@@ -318,11 +385,15 @@ def summary(res: dict) -> list[str]:
             m = {a: statistics.median(v) * 1e3 for a, v in row["ttft_s"].items()}
             lines.append(f"TTFT system {k:>5}: cold {m['cold']:.1f} ms, cached hash {m['cached_hash']:.1f} / radix "
                          f"{m['cached_radix']:.1f} ms, suffix alone {m['suffix_only']:.1f} ms")
-    for k, v in p.get("few_shot", {}).items():
-        if isinstance(v, dict) and "runs" in v:
+    fs = p.get("few_shot", {})
+    for k in ("1", "5"):
+        for n, v in fs.get(k, {}).items():
             tps = {a: statistics.median(r["output_tok_s"] for r in x) for a, x in v["runs"].items()}
-            lines.append(f"few-shot {k}: tok/s " + ", ".join(f"{a} {t:.1f}" for a, t in tps.items())
+            lines.append(f"few-shot {k}, n = {n}: tok/s " + ", ".join(f"{a} {t:.1f}" for a, t in tps.items())
                          + f"; hash/oracle {tps['hash'] / tps['oracle']:.2f}x")
+        if fs.get(k):
+            lines.append(f"few-shot {k}: hash/oracle, mean over n, per replicate: "
+                         + ", ".join(f"{x:.2f}" for x in sweep_ratio(fs[k], "hash", "oracle")))
     for name in ("agent", "control"):
         if "runs" in p.get(name, {}):
             tps = {a: statistics.median(r["output_tok_s"] for r in v) for a, v in p[name]["runs"].items()}
