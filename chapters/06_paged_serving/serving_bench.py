@@ -62,6 +62,28 @@ PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "block_si
          "dial"]
 
 
+def waste_over_last_block(kv: dict) -> float:
+    """Unused slot-steps (slots in blocks the allocator has handed out, minus token states) over the slot-steps the
+    last-block rule allows at the same instants (KVAccount: the sum over running sequences of ceil(len / B) * B - len,
+    step by step, from the lengths alone). An allocator that hands out a block only when a sequence's tokens need one
+    gives 1, or a hair under it: in a prefill step a running sequence that is not in it already counts its newest
+    sampled token, whose K/V (and block) come at its next decode step. One that reserves ahead (to the output's length,
+    to the model's maximum) or keeps blocks nobody holds gives more. NaN where the rule allows no waste at all."""
+    unused = kv["allocated_slot_steps"] - kv["token_state_slot_steps"]
+    allowed = kv["last_block_slot_steps"]
+    return unused / allowed if allowed else (1.0 if unused == 0 else float("nan"))
+
+
+def worst_last_block_waste(kv: dict, block_size: int) -> float:
+    """The most waste the last-block rule allows at the instants of this account: every running sequence's last
+    block holding a single token (B - 1 empty slots), as a share of what such an allocator would reserve. An upper
+    bound for any allocator that wastes only last blocks: if it is under a bar, a paged run at this block size and
+    on this trace cannot go over it."""
+    empty = (block_size - 1) * kv["sequence_steps"]
+    total = kv["token_state_slot_steps"] + empty
+    return empty / total if total else 0.0
+
+
 def timed(fn, reps):
     """Wall seconds of `reps` calls of fn (synchronised), after one untimed warm-up call."""
     fn()

@@ -102,16 +102,28 @@ class KVAccount:
     never_used: int = 0  # beyond the request's final length ("internal fragmentation")
     steps: int = 0
     peak_reserved: int = 0
+    seq_steps: int = 0  # running sequences summed over the steps (one per sequence per step)
+    # slots the last-block rule allows: ceil(held / B) * B - held per sequence, the waste of an allocator that
+    # gives a sequence a block only when its tokens need one (counted when add is given block_size)
+    last_block: int = 0
+    allocated: int = 0  # slots in blocks the allocator has handed out (not on its free list), summed over the steps
 
-    def add(self, reserved_slots: int, held: int, final_len: int) -> None:
+    def add(self, reserved_slots: int, held: int, final_len: int, block_size: int = 0) -> None:
         self.reserved += reserved_slots
         self.token_states += held
         self.future += min(reserved_slots, final_len) - held
         self.never_used += reserved_slots - min(reserved_slots, final_len)
+        self.seq_steps += 1
+        if block_size:
+            self.last_block += -held % block_size
 
-    def end_step(self, reserved_now: int) -> None:
+    def end_step(self, reserved_now: int, allocated_now: int | None = None) -> None:
+        """``allocated_now``: slots in blocks off the allocator's free list (leaked blocks count here, not in the
+        tables); summed over the steps when given."""
         self.steps += 1
         self.peak_reserved = max(self.peak_reserved, reserved_now)
+        if allocated_now is not None:
+            self.allocated += allocated_now
 
     @property
     def kept_fraction(self) -> float:
@@ -122,4 +134,6 @@ class KVAccount:
         return {"reserved_slot_steps": self.reserved, "token_state_slot_steps": self.token_states,
                 "future_slot_steps": self.future, "never_used_slot_steps": self.never_used,
                 "kept_fraction": self.kept_fraction, "waste_fraction": 1 - self.kept_fraction,
-                "steps": self.steps, "peak_reserved_slots": self.peak_reserved}
+                "steps": self.steps, "peak_reserved_slots": self.peak_reserved,
+                "sequence_steps": self.seq_steps, "last_block_slot_steps": self.last_block,
+                "allocated_slot_steps": self.allocated}

@@ -245,9 +245,9 @@ class Scheduler:
         reserved_now = 0
         for seq in self.running:  # after this step every token of a running sequence has its K/V cached
             reserved = len(seq.block_table) * self.bm.block_size
-            self.account.add(reserved, len(seq.tokens), seq.final_len)
+            self.account.add(reserved, len(seq.tokens), seq.final_len, self.bm.block_size)
             reserved_now += reserved
-        self.account.end_step(reserved_now)
+        self.account.end_step(reserved_now, (self.bm.num_blocks - self.bm.num_free) * self.bm.block_size)
 
     def postprocess(self, batch: Batch, new_tokens: list[int], now: float = 0.0) -> list[Sequence]:
         """Append each sequence's sampled token; finished sequences free their blocks. Returns them."""
