@@ -182,21 +182,20 @@ def replay_pass(w: wl.Workload, num_blocks: int, policy: dict, *, max_num_seqs: 
     count them. The defaults are the engine's in measure(). Decode steps count the waves: an arm that holds all n
     requests at once decodes new_tokens - 1 steps after its prefill; one that must serve them in k waves, about
     k times that."""
-    from tinyserve.block_manager import BlockManager
-    from tinyserve.scheduler import Scheduler, Sequence
+    from tinyserve.scheduler import simulate_rounds
 
-    sched = Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, **policy)
-    for i, r in enumerate(w.requests):
-        sched.add(Sequence(i, list(r.prompt), r.max_new_tokens))
     out = {"prefill_steps": 0, "decode_steps": 0, "prefill_tokens_computed": 0}
-    while (batch := sched.schedule()) is not None:
+
+    def count(batch):
         if batch.is_prefill:
             out["prefill_steps"] += 1
             out["prefill_tokens_computed"] += sum(len(q.tokens) - q.num_cached for q in batch.seqs)
         else:
             out["decode_steps"] += 1
-        sched.postprocess(batch, [-1] * len(batch.seqs))
+
+    sched = simulate_rounds([[(r.prompt, r.max_new_tokens) for r in w.requests]], num_blocks, BLOCK, observe=count,
+                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=max_model_len, **policy)
     out["preemptions"] = sched.num_preemptions
     return out
 

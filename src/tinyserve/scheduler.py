@@ -283,11 +283,12 @@ def simulate(lengths: list[tuple[int, int]], num_blocks: int, block_size: int = 
 
 
 def simulate_rounds(rounds: list[list[tuple[list[int], int]]], num_blocks: int, block_size: int = 16,
-                    check: bool = False, **scheduler_kw) -> Scheduler:
+                    check: bool = False, observe=None, **scheduler_kw) -> Scheduler:
     """Run the scheduler without a model on rounds of requests (prompt token ids, max_new_tokens): a round enters
     the queue when the previous one has finished (a closed loop: chat turns, agent steps, tree levels). Every
     step "samples" token -1, which no prompt contains, so generated tokens never match a later prompt. The
-    cache's hit counts (scheduler.cache_stats) of such a trace depend only on the token ids, lengths and policy."""
+    cache's hit counts (scheduler.cache_stats) of such a trace depend only on the token ids, lengths and policy.
+    ``observe(batch)``, if given, sees every scheduled batch before its tokens are appended."""
     sched = Scheduler(BlockManager(num_blocks, block_size), **scheduler_kw)
     n = 0
     for rnd in rounds:
@@ -295,6 +296,8 @@ def simulate_rounds(rounds: list[list[tuple[list[int], int]]], num_blocks: int, 
             sched.add(Sequence(n, list(prompt), new))
             n += 1
         while (batch := sched.schedule()) is not None:
+            if observe is not None:
+                observe(batch)
             sched.postprocess(batch, [-1] * len(batch.seqs))
             if check:
                 sched.bm.check(sched.held_tables())
