@@ -110,8 +110,13 @@ def _records(nb) -> set[str]:
 
 
 def test_staged_notebook_records_the_successors_and_has_no_outputs():
-    nx = json.loads((CH / "07_prefix_caching.next.ipynb").read_text())
+    from conftest import newest_notebook
+
+    path, staged = newest_notebook(CH)
+    nx = json.loads(path.read_text())
     assert _records(nx) == {"vllm-shared-prefix-1shot-sweep", "vllm-shared-prefix-5shot-sweep"}
+    if not staged:
+        return  # the successors' run is published: the retired claims' page is in git history
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nx["cells"] if c["cell_type"] == "code")
     pub = json.loads((CH / "07_prefix_caching.ipynb").read_text())
     assert _records(pub) == {"vllm-shared-prefix-1shot", "vllm-shared-prefix-5shot"}  # the published run, as it was
