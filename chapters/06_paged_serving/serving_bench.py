@@ -20,7 +20,8 @@ Parts, in order (each writes the JSON again when it ends, so a run cut short kee
   orca       iteration- vs request-level scheduling on a trace with varied output lengths
   hf_static  HF generate, static batches of 32/64 padded to their longest prompt (a subset of the trace)
   hf_batch   HF generate_batch, continuous batching (a subset of the trace)
-  dial       Poisson arrivals, maximum batch 8/128: TTFT and time between tokens against throughput
+  dial       128 requests queued at t = 0 (so the top setting fills), maximum batch 8/128: time between tokens,
+             TTFT and throughput per setting, and the realised mean decode batch
 Every timing comes with its replicates; nothing here grades: claims.yaml and the notebook do.
 """
 
@@ -50,13 +51,14 @@ SETTINGS = {  # full run on the H200 / dry run on the CPU
                 kv_gib=48, b1_prompt=512, b1_tokens=128, b256_ctx=1024, b256_batch=256, pressure_requests=64,
                 kernel_batches=[8, 32], kernel_ctx=[64, 128, 256, 1024],
                 orca_requests=128, orca_new=(16, 512), orca_batch=64, hf_static={32: 32, 64: 64},
-                hf_batch_requests=64, dial_requests=64, dial_rate=16.0, dial_batches=[8, 128],
+                hf_batch_requests=64, dial_requests=128, dial_new_tokens=128, dial_batches=[8, 128],
                 block_sizes=[8, 16, 32, 64, 128, 256], block_batch=32, block_ctx=1024),
     "dry": dict(model=TINY, n_requests=12, prompt_len=(5, 40), new_tokens=6, max_model_len=128,
                 kv_gib=0.01, b1_prompt=20, b1_tokens=6, b256_ctx=64, b256_batch=16, pressure_requests=6,
                 kernel_batches=[8], kernel_ctx=[64],
                 orca_requests=8, orca_new=(2, 10), orca_batch=4, hf_static={2: 4, 4: 4}, hf_batch_requests=4,
-                dial_requests=6, dial_rate=50.0, dial_batches=[2, 8], block_sizes=[8, 16, 64], block_batch=4, block_ctx=64),
+                dial_requests=8, dial_new_tokens=4, dial_batches=[2, 8], block_sizes=[8, 16, 64], block_batch=4,
+                block_ctx=64),
 }
 PARTS = ["bandwidth", "logits", "logits_torch", "decode_b1", "kernel", "block_sizes", "decode_b256", "workload", "pressure", "orca", "hf_static", "hf_batch",
          "dial"]
@@ -310,6 +312,20 @@ def serve(eng, reqs, reps, num_blocks=None, warmup=False, **policy):
     return out
 
 
+def dial_part(eng, s, vocab_size, seed, workload_reps):
+    """The dial (claim latency-dial-binds): every request queued at t = 0, as many as the top setting holds, so
+    that the maximum batch binds at every setting; each setting serves the same requests `workload_reps` times.
+    Per setting: the runs (time between tokens, TTFT, output tokens/s, the realised mean decode batch in
+    runs[i]["steps"]) and realised_batch_share, the mean decode batch of each run over the setting."""
+    reqs = make_workload(s["dial_requests"], s["prompt_len"], s["dial_new_tokens"], vocab_size, seed + 2)
+    out = {"requests": len(reqs), "new_tokens": s["dial_new_tokens"], "arrivals": "all at t=0 (queued)",
+           "arrival_s": sorted({r.arrival for r in reqs}), "max_num_seqs": list(s["dial_batches"])}
+    for b in s["dial_batches"]:
+        out[str(b)] = serve(eng, reqs, workload_reps, max_num_seqs=b, request_level=False, reserve="paged")
+        out[str(b)]["realised_batch_share"] = [r["steps"]["mean_decode_batch"] / b for r in out[str(b)]["runs"]]
+    return out
+
+
 def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS), reps: int = 3, workload_reps: int = 2,
             seed: int = 0, budget_s: float = 480.0, progress: bool = True) -> dict:
     """Every part in order; returns the results (and writes them to ``out`` after each part, if given)."""
@@ -416,11 +432,7 @@ def measure(*, dry_run: bool, out: str | Path | None = None, parts=tuple(PARTS),
                               **hf_generate_batch(hf, reqs[: s["hf_batch_requests"]])})
 
     def dial():
-        timed_reqs = make_workload(s["dial_requests"], s["prompt_len"], s["new_tokens"], cfg.vocab_size, seed + 2,
-                                   rate=s["dial_rate"])
-        out = {"requests": len(timed_reqs), "rate_req_s": s["dial_rate"]}
-        for b in s["dial_batches"]:
-            out[str(b)] = serve(eng, timed_reqs, workload_reps, max_num_seqs=b, request_level=False, reserve="paged")
+        out = dial_part(eng, s, cfg.vocab_size, seed, workload_reps)
         eng.reset(max_num_seqs=256)
         return out
 
