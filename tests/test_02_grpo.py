@@ -596,3 +596,26 @@ def test_grpo_trainer_learns_a_learnable_reward(tmp_path, problems):
     assert len(means) == 40
     first, last = np.mean(means[:10]), np.mean(means[-10:])
     assert last >= first + 0.15, (first, last, means)
+
+
+def test_each_seed_probes_its_own_draw_of_problems_for_the_redrawn_group_claim():
+    """larger-group-more-signal-redrawn (2026-12-06): each seed's probe draws its own problems (seeded by the seed),
+    so that the interval over seeds covers the problem draw; the retired id is no longer recorded."""
+    import re
+
+    from conftest import newest_notebook
+
+    path, _ = newest_notebook(CHAPTER)
+    nb = json.loads(path.read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"]
+                if c["cell_type"] == "code" and "useful share, G = n" in "".join(c["source"]))
+    assert 'run.record("larger-group-more-signal-redrawn"' in cell and '"larger-group-more-signal"' not in cell
+    assert "default_rng(s)" in cell and "probe_draw(s)" in cell and not re.search(r"\bprobe_problems\b", cell)
+    # the draw itself, run as the notebook defines it: different seeds, different problems; one seed, one draw
+    src = cell[cell.index("def probe_draw"):cell.index("\n\n\n", cell.index("def probe_draw"))]
+    g = {"np": np, "trained": list(range(1000)), "n_drawn": 64}
+    exec(src, g)
+    assert g["probe_draw"](0) == g["probe_draw"](0) and g["probe_draw"](0) != g["probe_draw"](1)
+    assert len(set(g["probe_draw"](2))) == 64
+    claim = next(c for c in load_chapter(CHAPTER).claims if c.id == "larger-group-more-signal-redrawn")
+    assert claim.replicates == 3 and claim.reduced_scale_if == {"at_least": 1.2} and "drawn afresh" in claim.metric
