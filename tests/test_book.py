@@ -192,3 +192,13 @@ def test_tidy_drops_torch_log_lines_alone_or_after_a_bar():
     assert notebooks.tidy_text(text) == "record 5 arch, seed 0                        final 3.4655   23.4 s  data 7ffd3063d860"
     kept = "W1204 is a name of the chapter's own: 3 runs] final 3.4655"
     assert notebooks.tidy_text(kept) == kept  # no thread id and file:line] after the time: not torch's format
+
+
+def test_the_running_note_names_the_gpus_a_chapter_runs_on():
+    """A chapter whose gpu profile as set leaves out one of the course's GPUs says so in its running note
+    (notebook metadata course.gpu_runs_on); the others keep the default."""
+    meta = {"min_compute_capability": 8.0, "min_gpu_why": "bf16"}
+    default = notebooks.running_note({"smoke": 1, "gpu": 5}, meta)
+    assert "come from an H100 or H200 | ~5 min on an H100 or H200 |" in default
+    only = notebooks.running_note({"smoke": 1, "gpu": 5}, {**meta, "gpu_runs_on": "an H200"})
+    assert "come from an H200 | ~5 min on an H200 |" in only and "H100 or H200 |" not in only

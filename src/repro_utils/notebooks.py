@@ -205,17 +205,20 @@ def comment_injected(source: str) -> str:
 
 
 def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
-    """The "Running this chapter" note: time per profile (claims.yaml) and the minimum GPU."""
+    """The "Running this chapter" note: time per profile (claims.yaml) and the minimum GPU. ``meta["gpu_runs_on"]``
+    (optional) names the GPUs the gpu profile as set runs on, where fewer than the course's two do (chapter 06's
+    ~100 GB peak leaves out the 80 GB H100)."""
     cc = meta["min_compute_capability"]
     m = {k: f"{v:g}" for k, v in minutes.items()}
     full = f"~{m['full']} min" if "full" in m else "—"
+    gpus = meta.get("gpu_runs_on", "an H100 or H200")
     return f""":::{{admonition}} Running this chapter
 :class: note
 
 | profile | where | time |
 |---|---|---|
 | `smoke` | any CPU (CI, Colab's CPU runtime); correctness only, speed claims grade *Unverified* | ~{m['smoke']} min |
-| `gpu` | one GPU; the outputs on this page come from an H100 or H200 | ~{m['gpu']} min on an H100 or H200 |
+| `gpu` | one GPU; the outputs on this page come from {gpus} | ~{m['gpu']} min on {gpus} |
 | `full` | the largest setting one machine holds; a claim is at its own scale only where its card says *own* | {full} |
 
 **Minimum GPU for the `gpu` profile: compute capability {cc:.1f}** ({meta['min_gpu_why']}). Colab's free T4
