@@ -7,7 +7,7 @@ This script measures, on one GPU, with `muon_speedrun.train` itself (regional co
 
 * seconds per step from two runs of different lengths (the difference cancels setup and the final evaluation);
 * the GPU's kernel time per step and kernels per step, from `torch.profiler` over two more runs (same difference);
-* forward+backward and the optimizers' step timed apart (CUDA events, 30 repetitions each);
+* forward+backward and the optimizers' step timed apart (`repro_utils.bench.time_fn`: medians);
 * the top operators by GPU time.
 
     PYTHONPATH=$PWD/src:$PWD/chapters/01_speedrun_muon python3 scripts/ch01_step_profile.py --out x.json
@@ -25,6 +25,8 @@ import muon_speedrun as ms
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from repro_utils.bench import time_fn
 
 
 def setup(dry: bool):
@@ -98,23 +100,6 @@ def main(argv=None) -> None:
     x = torch.from_numpy(train[: run.batch_size * cfg.seq_len].reshape(run.batch_size, cfg.seq_len)).to(device)
     y = torch.from_numpy(train[1: run.batch_size * cfg.seq_len + 1].reshape(run.batch_size, cfg.seq_len)).to(device)
 
-    def timed(fn, reps=30):
-        for _ in range(3):
-            fn()
-        if dry:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            return 1e3 * (time.perf_counter() - t0) / reps
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
     def fwd_bwd():
         model.zero_grad(set_to_none=True)
         with ms.autocast(torch.device(device)):
@@ -125,12 +110,12 @@ def main(argv=None) -> None:
         for o in opts:
             o.step()
 
-    res["fwd_bwd_ms"] = timed(fwd_bwd)
+    res["fwd_bwd_ms"] = time_fn(fwd_bwd).ms
     fwd_bwd()
-    res["optimizer_ms"] = timed(opt_step)
+    res["optimizer_ms"] = time_fn(opt_step).ms
     for o in opts:
         name = type(o).__name__
-        res[f"{name}_ms"] = timed(o.step)
+        res[f"{name}_ms"] = time_fn(o.step).ms
     print({k: round(v, 3) for k, v in res.items() if k.endswith("_ms")}, flush=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

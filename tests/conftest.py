@@ -43,14 +43,6 @@ def import_interpreted(name: str):
             os.environ["TRITON_INTERPRET"] = before
 
 
-def newest_notebook(folder: Path) -> tuple[Path, bool]:
-    """The notebook a chapter's next GPU run executes, and whether it is staged: ``<chapter>.next.ipynb`` while one
-    is staged (no outputs), else the published notebook, which publishing a staged run replaces it with. Tests of
-    what the next run records read this one, so that they hold before and after the run is published."""
-    staged = folder / f"{folder.name}.next.ipynb"
-    return (staged, True) if staged.exists() else (folder / f"{folder.name}.ipynb", False)
-
-
 @pytest.fixture
 def course(tmp_path: Path) -> Path:
     """A throwaway course root with the self-test chapter, as a git repository."""

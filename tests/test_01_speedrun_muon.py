@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import newest_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "chapters" / "01_speedrun_muon"
@@ -731,7 +730,9 @@ def test_the_tuned_polar_claim_is_graded_only_where_its_control_tells_orthogonal
 
 
 def test_the_notebook_records_the_tuned_claim_with_its_control_and_not_the_retired_one():
-    path, staged = newest_notebook(FOLDER)
+    ch = load_chapter(FOLDER)  # the notebook the next run executes: the staged one while there is one
+    path = ch.source_notebook
+    staged = path == ch.next_notebook
     nb = json.loads(path.read_text())
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert 'run.record("ns5-vs-exact-polar-tuned", values=diffs' in code and "control=dict(" in code

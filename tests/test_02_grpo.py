@@ -603,10 +603,7 @@ def test_each_seed_probes_its_own_draw_of_problems_for_the_redrawn_group_claim()
     so that the interval over seeds covers the problem draw; the retired id is no longer recorded."""
     import re
 
-    from conftest import newest_notebook
-
-    path, _ = newest_notebook(CHAPTER)
-    nb = json.loads(path.read_text())
+    nb = json.loads(load_chapter(CHAPTER).source_notebook.read_text())
     cell = next("".join(c["source"]) for c in nb["cells"]
                 if c["cell_type"] == "code" and "useful share, G = n" in "".join(c["source"]))
     assert 'run.record("larger-group-more-signal-redrawn"' in cell and '"larger-group-more-signal"' not in cell

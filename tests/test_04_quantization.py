@@ -1079,9 +1079,9 @@ def test_the_offline_path_loads_model_and_data_from_repro_data_dir(tmp_path, mon
 def opt_cell():
     import json
 
-    from conftest import newest_notebook
+    from repro_utils.claims import load_chapter
 
-    nb = json.loads(newest_notebook(FOLDER)[0].read_text())
+    nb = json.loads(load_chapter(FOLDER).source_notebook.read_text())
     return next("".join(c["source"]) for c in nb["cells"] if 'OPT_IDS = ("gptq-opt125m-4bit"' in "".join(c["source"]))
 
 

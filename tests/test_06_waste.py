@@ -93,13 +93,14 @@ def test_ratio_undefined_where_the_rule_allows_no_waste():
 
 def test_staged_notebook_records_the_successors_and_not_the_retired_claim():
     import nbformat
-    from conftest import newest_notebook
 
     from repro_utils.check import record_calls
     from repro_utils.claims import load_chapter
 
     chdir = Path(__file__).resolve().parents[1] / "chapters" / "06_paged_serving"
-    path, staged = newest_notebook(chdir)
+    ch = load_chapter(chdir)  # the notebook the next run executes: the staged one while there is one
+    path = ch.source_notebook
+    staged = path == ch.next_notebook
     nb = nbformat.read(path, as_version=4)
     ids = {cid for _, cid, _ in record_calls(nb)}
     new = {"paging-waste-last-block-only", "paging-waste-under-4pct-can-fail", "paging-batches-more-than-oracle",

@@ -110,9 +110,11 @@ def _records(nb) -> set[str]:
 
 
 def test_staged_notebook_records_the_successors_and_has_no_outputs():
-    from conftest import newest_notebook
+    from repro_utils.claims import load_chapter
 
-    path, staged = newest_notebook(CH)
+    ch = load_chapter(CH)  # the notebook the next run executes: the staged one while there is one
+    path = ch.source_notebook
+    staged = path == ch.next_notebook
     nx = json.loads(path.read_text())
     assert _records(nx) == {"vllm-shared-prefix-1shot-sweep", "vllm-shared-prefix-5shot-sweep"}
     if not staged:
