@@ -1,0 +1,92 @@
+"""Chapter 08 (Newton-Schulz against the exact polar factor): the test chapter 01 declared, moved here unchanged.
+
+What the move must not change is checked against what chapter 01 recorded: the claim's declared fields in chapter
+01's H200 ledger (the run at 3d29a44 recorded it, untested for time) and the parameters of that run. The parameters
+are checked before anything runs; the notebook's code is chapter 01's module, tested in test_01_speedrun_muon.py.
+CPU only, no data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "chapters" / "08_newton_schulz"
+sys.path.insert(0, str(ROOT / "chapters" / "01_speedrun_muon"))
+import muon_speedrun as ms  # noqa: E402
+
+from repro_utils.claims import Claim, load_chapter  # noqa: E402
+from repro_utils.profiles import ParameterError, resolve  # noqa: E402
+
+CLAIM = "ns5-vs-exact-polar-tuned"
+CH01_H200 = ROOT / "results" / "gpu" / "01_speedrun_muon" / "nvidia-h200.json"  # the run at 3d29a44 declared it
+SETTING = ("n_layer", "n_embd", "n_head", "seq_len", "vocab", "batch_size", "grad_accum", "tied_embed_lr",
+           "polar_seeds", "polar_tokens", "polar_lrs", "polar_control_steps", "polar_control_lrs", "eval_every",
+           "eval_tokens", "final_eval_tokens", "corpus", "compile_runs", "budget_s")
+
+
+def test_the_claim_moved_unchanged_from_chapter_01():
+    """What decides the grade and what the claim is (the house's grading and identity views, which need a new id when
+    they change), as chapter 01 declared them before its run: the ledger keeps the declaration."""
+    ledger = json.loads(CH01_H200.read_text())
+    assert ledger["fingerprint"]["commit"].startswith("3d29a44")
+    there = Claim.from_dict(next(c for c in ledger["claims"] if c["id"] == CLAIM)["declared"])
+    here = next(c for c in load_chapter(FOLDER).claims if c.id == CLAIM)
+    assert here.grading_view() == there.grading_view()
+    assert here.identity() == there.identity()
+    assert (here.claim, here.source, here.claimed) == (there.claim, there.source, there.claimed)
+
+
+def test_the_gpu_setting_is_the_one_chapter_01_declared_for_it():
+    """The same model, data, rates and seeds as chapter 01's gpu run (its budget_s too: 525 s of a 585 s call)."""
+    ch = load_chapter(FOLDER)
+    gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
+    then = json.loads(CH01_H200.read_text())["parameters"]
+    for key in SETTING:
+        assert gpu[key] == then[key], (key, gpu[key], then[key])
+
+
+def test_every_profile_that_grades_the_claim_runs_enough_seeds_and_bracketable_sweeps():
+    ch = load_chapter(FOLDER)
+    claim = next(c for c in ch.claims if c.id == CLAIM)
+    assert claim.control["holds_if"] == {"at_least": 0.03} and claim.holds_if == {"at_most": 0.01}
+    for profile in ("smoke", *claim.profiles):
+        P = resolve(ch.parameters, {"profile": profile}, cuda=profile != "smoke", chapter=ch.id)
+        ms.check_polar_params(P)
+        if profile in claim.profiles:
+            assert P["polar_seeds"] >= claim.replicates, (profile, P["polar_seeds"], claim.replicates)
+        assert P["polar_control_steps"] < 5, "the control must be a worse orthogonalisation than NS5"
+    gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
+    # one ten-minute call: the sweep at the first seed (its best runs graded) and three runs for each further seed,
+    # 18 runs of 640 steps (~150 s on an H100 at bf4c810's pace, ~230 s on the H200 of 3d29a44)
+    n_runs = len(gpu["polar_lrs"]) * 2 + len(gpu["polar_control_lrs"]) + 3 * (gpu["polar_seeds"] - 1)
+    assert n_runs <= 18 and gpu["polar_tokens"] <= 10_485_760, (n_runs, gpu["polar_tokens"])
+
+
+@pytest.mark.parametrize("bad", [
+    {"polar_lrs": [0.01, 0.02]},  # two rates: no optimum can be inside them
+    {"polar_control_lrs": [0.02, 0.02, 0.04]},  # three values, two rates
+])
+def test_bad_polar_parameters_fail_before_anything_runs(bad):
+    ch = load_chapter(FOLDER)
+    P = resolve(ch.parameters, {"profile": "smoke", **bad}, cuda=False, chapter=ch.id)
+    with pytest.raises(ParameterError, match="polar"):
+        ms.check_polar_params(P)
+    with pytest.raises(ParameterError):
+        resolve(ch.parameters, {"profile": "smoke", "polar_control_steps": 5}, cuda=False)  # NS5 is no control
+
+
+def test_the_notebook_records_the_claim_once_and_imports_chapter_01s_module():
+    """The code that runs is chapter 01's: the notebook imports muon_speedrun from chapter 01's folder and defines no
+    orthogonalisation of its own; and it grades the claim in exactly one place (record or untested per branch)."""
+    nb = nbformat.read(load_chapter(FOLDER).source_notebook, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'Path("../01_speedrun_muon")' in code and "import muon_speedrun as ms" in code
+    assert "def newton_schulz" not in code and "def polar" not in code
+    assert code.count(f'run.record("{CLAIM}"') == 1
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                if o.get("output_type") == "error"]
