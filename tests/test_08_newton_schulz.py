@@ -24,9 +24,11 @@ from repro_utils.profiles import ParameterError, resolve  # noqa: E402
 
 CLAIM = "ns5-vs-exact-polar-tuned"
 CH01_H200 = ROOT / "results" / "gpu" / "01_speedrun_muon" / "nvidia-h200.json"  # the run at 3d29a44 declared it
+# polar_control_lrs is not here: the first run of this chapter (H100 at d0baffd) found the control's best rate at the top
+# of chapter 01's grid, and the grid moved up (declared before the next run; its help says so)
 SETTING = ("n_layer", "n_embd", "n_head", "seq_len", "vocab", "batch_size", "grad_accum", "tied_embed_lr",
-           "polar_seeds", "polar_tokens", "polar_lrs", "polar_control_steps", "polar_control_lrs", "eval_every",
-           "eval_tokens", "final_eval_tokens", "corpus", "compile_runs", "budget_s")
+           "polar_seeds", "polar_tokens", "polar_lrs", "polar_control_steps", "eval_every", "eval_tokens",
+           "final_eval_tokens", "corpus", "compile_runs", "budget_s")
 
 
 def test_the_claim_moved_unchanged_from_chapter_01():
@@ -62,9 +64,12 @@ def test_every_profile_that_grades_the_claim_runs_enough_seeds_and_bracketable_s
         assert P["polar_control_steps"] < 5, "the control must be a worse orthogonalisation than NS5"
     gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
     # one ten-minute call: the sweep at the first seed (its best runs graded) and three runs for each further seed,
-    # 18 runs of 640 steps (~150 s on an H100 at bf4c810's pace, ~230 s on the H200 of 3d29a44)
+    # runs of 640 steps: ~9.7 s each on the H100 at d0baffd (175 s for 18), ~13 s on the H200 of 3d29a44; at most 22
+    # runs (~290 s there) keep the notebook well inside budget_s 525 on either
     n_runs = len(gpu["polar_lrs"]) * 2 + len(gpu["polar_control_lrs"]) + 3 * (gpu["polar_seeds"] - 1)
-    assert n_runs <= 18 and gpu["polar_tokens"] <= 10_485_760, (n_runs, gpu["polar_tokens"])
+    assert n_runs <= 22 and gpu["polar_tokens"] <= 10_485_760, (n_runs, gpu["polar_tokens"])
+    # the control's grid reaches above its best rate in the first run (0.02, the top of chapter 01's grid)
+    assert max(gpu["polar_control_lrs"]) > 0.02 and min(gpu["polar_control_lrs"]) <= 0.02
 
 
 @pytest.mark.parametrize("bad", [
