@@ -184,6 +184,34 @@ def test_studied_code_edited_after_the_published_run_is_caught(course):
     assert "def mean(self, xs):" in problems[0]
 
 
+def test_studied_code_from_another_chapters_module_counts_only_where_the_notebook_imports_it(course):
+    """Chapter 08 shows chapter 01's functions (it runs chapter 01's module): shown code may come from another chapter's
+    folder only when the notebook's code puts that folder on the import path, and is checked there like its own."""
+    from repro_utils.display import source
+
+    gpu_ledger(course)
+    chapter = course / "chapters" / "00_selftest"
+    lender = course / "chapters" / "99_lender"
+    lender.mkdir()
+    module = lender / "lent_code.py"
+    module.write_text("def spread(xs):\n    return max(xs) - min(xs)\n")
+    spec = importlib.util.spec_from_file_location("lent_code", module)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    nb_path = chapter / "00_selftest.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("display_data",
+                                                  data={"text/markdown": f"```python\n{source(mod.spread)}\n```"})]
+    nb.metadata["papermill"] = {"parameters": {"profile": "gpu"}}
+    nbformat.write(nb, nb_path)
+    assert any("def spread(xs):" in p for p in check(course))  # not imported: not the chapter's code
+    nb.cells[2].source = 'import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path("../99_lender")))\n' + nb.cells[2].source
+    nbformat.write(nb, nb_path)
+    assert not any("def spread(xs):" in p for p in check(course))
+    module.write_text(module.read_text().replace("max(xs) - min(xs)", "abs(max(xs) - min(xs))"))
+    assert any("def spread(xs):" in p and "no longer" in p for p in check(course))  # edited after the run
+
+
 def test_a_notebook_whose_parameters_differ_from_claims_is_caught(course):
     f = course / "chapters" / "00_selftest" / "claims.yaml"
     f.write_text(f.read_text().replace("  method:\n", "  meth:\n"))

@@ -159,10 +159,19 @@ def shown_code(nb) -> list[str]:
     return pieces
 
 
+_BORROWED = re.compile(r'Path\("\.\./(\d\d_[A-Za-z0-9_]+)"\)')  # another chapter's folder on the import path
+
+
 def _check_shown_code(root: Path, nb_path: Path, nb) -> list[str]:
-    """Each shown piece must occur in a module of the chapter (or of a package under src/), at some indentation."""
+    """Each shown piece must occur in a module of the chapter, of a chapter whose folder its code puts on the import
+    path (``Path("../01_speedrun_muon")``: chapter 08 runs chapter 01's module), or of a package under src/, at some
+    indentation."""
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    borrowed = [nb_path.parent.parent / d for d in sorted(set(_BORROWED.findall(code)))]
     texts = []
-    for f in [*sorted(nb_path.parent.glob("*.py")), *sorted((root / "src").glob("*/*.py"))]:  # chapter, repro_utils, tinyserve
+    modules = [*sorted(nb_path.parent.glob("*.py")), *(f for d in borrowed for f in sorted(d.glob("*.py"))),
+               *sorted((root / "src").glob("*/*.py"))]  # chapter, chapters it imports from, repro_utils, tinyserve
+    for f in modules:
         lines = f.read_text().splitlines()
         for k in (0, 4, 8, 12):  # show() dedents methods and nested functions
             texts.append("\n".join(ln[k:] if ln.startswith(" " * k) else ln.strip() and ln for ln in lines))
