@@ -536,6 +536,39 @@ def test_a_staged_next_notebook_is_run_checked_and_published_in_place_of_the_old
     assert "staged cell ran" in published.read_text()
 
 
+def test_the_published_notebook_keeps_a_parameter_its_run_was_given_that_the_staged_version_drops(course):
+    """A parameter the staged version no longer declares (its section moved elsewhere) stays in the published
+    notebook, which records the run it came from, as long as that run was given it; any other parameter claims.yaml
+    no longer declares is still a problem, and so is the staged notebook assigning it."""
+    gpu_ledger(course)
+    folder = course / "chapters" / "00_selftest"
+    published = folder / "00_selftest.ipynb"
+    nb = nbformat.read(published, as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert "method" in params.source
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+    params.source = "\n".join(ln for ln in params.source.splitlines() if not ln.startswith("method"))
+    staged = folder / "00_selftest.next.ipynb"
+    nbformat.write(nb, staged)
+    claims = folder / "claims.yaml"
+    text = claims.read_text()
+    method = text[text.index("  method:\n"):text.index("claims:")]
+    claims.write_text(text.replace(method, ""))
+    ran = nbformat.read(published, as_version=4)
+    ran.metadata["papermill"] = {"parameters": {"profile": "gpu", "n": 1000000}}
+    nbformat.write(ran, published)
+    assert any("00_selftest.ipynb: parameters cell assigns ['method']" in p for p in check(course))  # not given it
+    ran.metadata["papermill"]["parameters"]["method"] = "torch"
+    nbformat.write(ran, published)
+    assert check(course) == []  # its run was given `method`: the published notebook records that run
+    nb_bad = nbformat.read(staged, as_version=4)
+    next(c for c in nb_bad.cells if "parameters" in c.metadata.get("tags", [])).source += "\nmethod = None"
+    nbformat.write(nb_bad, staged)
+    assert any("00_selftest.next.ipynb: parameters cell assigns" in p for p in check(course))
+
+
 def test_a_staged_notebook_that_records_one_value_where_replicates_are_declared_fails_check(course):
     """The pre-flight that chapter 03's staged run lacked (its H200 run at d979339 finished and then could not be
     published): `repro check` reads the staged notebook's run.record / run.goal calls with a literal id, and a claim

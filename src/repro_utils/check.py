@@ -18,7 +18,8 @@
   counting an Unverified that the measurement itself produced (inconclusive, could not fail, no power), is
   *unstable*, and needs a dated line in book/corrections.md that explains it;
 - a staged next version of a chapter's notebook (``<chapter>.next.ipynb``) has no outputs, declares the
-  chapter's parameters (the published notebook may then lack parameters added for it), and passes ``values=``
+  chapter's parameters (the published notebook may then lack parameters added for it, and keep those that its
+  own run was given and the staged version no longer declares), and passes ``values=``
   wherever it records, by a literal id, a claim or goal that declares replicates for a gpu or full run (one
   value there makes the run unpublishable, which otherwise shows only at the end of a device call);
 - a committed notebook with outputs comes from a gpu or full run whose ledger is committed, and every
@@ -69,9 +70,11 @@ def _check_notebook(root: Path, ch) -> list[str]:
     staged = ch.next_notebook.is_file()
     if staged:  # parameters added for the staged version: the published notebook may lack them until it runs
         problems += _check_staged(ch, want)
-        if not set(names) <= want:
-            problems.append(f"{nb_path}: parameters cell assigns {sorted(set(names) - want)}, which claims.yaml no "
-                            "longer declares")
+        # and parameters the staged version dropped: the published notebook keeps those its own run was given
+        ran_with = set(nb.metadata.get("papermill", {}).get("parameters", {}))
+        if not set(names) <= want | ran_with:
+            problems.append(f"{nb_path}: parameters cell assigns {sorted(set(names) - want - ran_with)}, which "
+                            "claims.yaml no longer declares")
     else:
         problems += _parameters_match(nb_path, names, want)
     has_outputs = any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
