@@ -589,7 +589,8 @@ def test_the_arch_part_fits_the_gpu_call():
     assert 3 * gpu["n_seeds"] + len(gpu["embed_lrs"]) - 1 <= 17 and gpu["n_seeds"] >= 5, gpu
 
 
-# the rate grids of chapter 08's polar test, as its gpu profile declares them (moved from this chapter, unchanged)
+# the rate grids this chapter's gpu profile declared for the polar test before it moved to chapter 08 (which has
+# since widened the control's grid upwards: its claims.yaml, polar_control_lrs)
 POLAR_GRIDS = {"polar_lrs": [0.005, 0.01, 0.02], "polar_control_lrs": [0.005, 0.01, 0.02]}
 
 

@@ -24,6 +24,8 @@ from repro_utils.profiles import ParameterError, resolve  # noqa: E402
 
 CLAIM = "ns5-vs-exact-polar-tuned"
 CH01_H200 = ROOT / "results" / "gpu" / "01_speedrun_muon" / "nvidia-h200.json"  # the run at 3d29a44 declared it
+# what that ledger recorded, frozen: chapter 01's next H200 run replaces the ledger
+FROZEN = FOLDER / "calibration" / "ch01-h200-3d29a44-declaration.json"
 # polar_control_lrs is not here: the first run of this chapter (H100 at d0baffd) found the control's best rate at the top
 # of chapter 01's grid, and the grid moved up (declared before the next run; its help says so)
 SETTING = ("n_layer", "n_embd", "n_head", "seq_len", "vocab", "batch_size", "grad_accum", "tied_embed_lr",
@@ -31,12 +33,22 @@ SETTING = ("n_layer", "n_embd", "n_head", "seq_len", "vocab", "batch_size", "gra
            "final_eval_tokens", "corpus", "compile_runs", "budget_s")
 
 
+def test_the_frozen_declaration_is_what_chapter_01s_ledger_recorded():
+    """The frozen copy equals the ledger while the ledger is still the run at 3d29a44 (after chapter 01's next H200 run
+    only the copy remains, and git history holds the ledger)."""
+    frozen = json.loads(FROZEN.read_text())
+    assert frozen["commit"].startswith("3d29a44") and frozen["declared"]["id"] == CLAIM
+    ledger = json.loads(CH01_H200.read_text())
+    if not ledger["fingerprint"]["commit"].startswith("3d29a44"):
+        pytest.skip("chapter 01's H200 ledger is from a later run; the frozen copy stands for the one at 3d29a44")
+    assert next(c for c in ledger["claims"] if c["id"] == CLAIM)["declared"] == frozen["declared"]
+    assert ledger["parameters"] == frozen["parameters"]
+
+
 def test_the_claim_moved_unchanged_from_chapter_01():
     """What decides the grade and what the claim is (the house's grading and identity views, which need a new id when
-    they change), as chapter 01 declared them before its run: the ledger keeps the declaration."""
-    ledger = json.loads(CH01_H200.read_text())
-    assert ledger["fingerprint"]["commit"].startswith("3d29a44")
-    there = Claim.from_dict(next(c for c in ledger["claims"] if c["id"] == CLAIM)["declared"])
+    they change), as chapter 01 declared them before its run."""
+    there = Claim.from_dict(json.loads(FROZEN.read_text())["declared"])
     here = next(c for c in load_chapter(FOLDER).claims if c.id == CLAIM)
     assert here.grading_view() == there.grading_view()
     assert here.identity() == there.identity()
@@ -47,7 +59,7 @@ def test_the_gpu_setting_is_the_one_chapter_01_declared_for_it():
     """The same model, data, rates and seeds as chapter 01's gpu run (its budget_s too: 525 s of a 585 s call)."""
     ch = load_chapter(FOLDER)
     gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
-    then = json.loads(CH01_H200.read_text())["parameters"]
+    then = json.loads(FROZEN.read_text())["parameters"]
     for key in SETTING:
         assert gpu[key] == then[key], (key, gpu[key], then[key])
 
@@ -81,8 +93,12 @@ def test_bad_polar_parameters_fail_before_anything_runs(bad):
     P = resolve(ch.parameters, {"profile": "smoke", **bad}, cuda=False, chapter=ch.id)
     with pytest.raises(ParameterError, match="polar"):
         ms.check_polar_params(P)
-    with pytest.raises(ParameterError):
-        resolve(ch.parameters, {"profile": "smoke", "polar_control_steps": 5}, cuda=False)  # NS5 is no control
+
+
+def test_five_steps_are_no_control():
+    ch = load_chapter(FOLDER)
+    with pytest.raises(ParameterError, match="polar_control_steps"):
+        resolve(ch.parameters, {"profile": "smoke", "polar_control_steps": 5}, cuda=False)
 
 
 def test_the_notebook_records_the_claim_once_and_imports_chapter_01s_module():

@@ -49,7 +49,8 @@ def test_a_chapter_opens_with_its_title_then_how_to_run_it(ch):
     note = nb.cells[1]
     assert note.get("metadata", {}).get("course", {}).get("generated") == notebooks.RUNNING_NOTE, \
         f"{ch.notebook.name}: the second cell must be the 'Running this chapter' note"
-    assert note.source == notebooks.running_note(ch.minutes, nb.metadata["course"]), \
+    staged = ch.next_notebook.name if ch.next_notebook.is_file() else None  # then the note says to run that one
+    assert note.source == notebooks.running_note(ch.minutes, nb.metadata["course"], staged), \
         f"{ch.notebook.name}: the running note disagrees with claims.yaml's minutes: python -m repro_utils.notebooks"
 
 
@@ -108,7 +109,8 @@ def test_outputs_hold_no_known_debris_and_tidying_changes_nothing(ch):
     assert notebooks.debris(nb) == [], f"{ch.notebook.name}: debris in outputs: python -m repro_utils.notebooks"
     again = copy.deepcopy(nb)
     shown = ledger.latest(ROOT, ch.id)[0].relative_to(ROOT)  # the run it shows
-    notebooks.tidy(again, root=ROOT, chapter=ch.id, minutes=ch.minutes, ledger=str(shown))
+    notebooks.tidy(again, root=ROOT, chapter=ch.id, minutes=ch.minutes, ledger=str(shown),
+                   staged=ch.next_notebook.name if ch.next_notebook.is_file() else None)
     assert again == nb, f"{ch.notebook.name}: not tidy: python -m repro_utils.notebooks"
 
 
@@ -202,3 +204,18 @@ def test_the_running_note_names_the_gpus_a_chapter_runs_on():
     assert "come from an H100 or H200 | ~5 min on an H100 or H200 |" in default
     only = notebooks.running_note({"smoke": 1, "gpu": 5}, {**meta, "gpu_runs_on": "an H200"})
     assert "come from an H200 | ~5 min on an H200 |" in only and "H100 or H200 |" not in only
+
+
+def test_a_published_page_with_a_staged_version_beside_it_says_which_one_to_run():
+    """Between a change and the chapter's next run, the published notebook is the record of its run and may no longer
+    run against claims.yaml (chapter 01's §4 moved to chapter 08); its running note then names the staged notebook as
+    the one to run, and says nothing of the kind once none is staged."""
+    meta = {"min_compute_capability": 8.0, "min_gpu_why": "bf16"}
+    plain = notebooks.running_note({"smoke": 1, "gpu": 5}, meta)
+    staged = notebooks.running_note({"smoke": 1, "gpu": 5}, meta, "01_speedrun_muon.next.ipynb")
+    assert "record of its committed run" not in plain and "next.ipynb" not in plain
+    assert "`01_speedrun_muon.next.ipynb` beside this notebook, and that is the version to run yourself" in staged
+    assert staged.startswith(plain[:-3]) and staged.endswith("\n:::")
+    ch01 = next(c for c in CHAPTERS if c.id == "01_speedrun_muon")
+    if ch01.next_notebook.is_file():  # the committed page says so while the staged version waits for its run
+        assert "01_speedrun_muon.next.ipynb" in _nb(ch01).cells[1].source

@@ -162,7 +162,8 @@ def shown_code(nb) -> list[str]:
     return pieces
 
 
-_BORROWED = re.compile(r'Path\("\.\./(\d\d_[A-Za-z0-9_]+)"\)')  # another chapter's folder on the import path
+# another chapter's folder put on the import path: sys.path.insert(0, str(Path("../01_speedrun_muon").resolve()))
+_BORROWED = re.compile(r'sys\.path\.(?:insert|append)\([^\n]*Path\("\.\./(\d\d_[A-Za-z0-9_]+)"\)')
 
 
 def _check_shown_code(root: Path, nb_path: Path, nb) -> list[str]:

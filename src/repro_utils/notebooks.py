@@ -204,10 +204,12 @@ def comment_injected(source: str) -> str:
             + "\n".join("# " + ln for ln in body))
 
 
-def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
+def running_note(minutes: dict[str, float], meta: dict[str, Any], staged: str | None = None) -> str:
     """The "Running this chapter" note: time per profile (claims.yaml) and the minimum GPU. ``meta["gpu_runs_on"]``
     (optional) names the GPUs the gpu profile as set runs on, where fewer than the course's two do (chapter 06's
-    ~100 GB peak leaves out the 80 GB H100)."""
+    ~100 GB peak leaves out the 80 GB H100). ``staged``: the name of the staged next version beside a published
+    notebook, which is then the one to run (the published page is the record of its run, and its code may no longer
+    run against the chapter's claims.yaml: chapter 01's §4 moved to chapter 08 before chapter 01 ran again)."""
     cc = meta["min_compute_capability"]
     m = {k: f"{v:g}" for k, v in minutes.items()}
     full = f"~{m['full']} min" if "full" in m else "—"
@@ -223,11 +225,20 @@ def running_note(minutes: dict[str, float], meta: dict[str, Any]) -> str:
 
 **Minimum GPU for the `gpu` profile: compute capability {cc:.1f}** ({meta['min_gpu_why']}). Colab's free T4
 (7.5) is older: there the chapter's first cell hides the GPU and `profile = "auto"` runs `smoke` on the
-CPU. On any GPU but an H100 or H200 the grades stop at *Reproduced at reduced scale*. How to run: [](../../book/running.md).
+CPU. On any GPU but an H100 or H200 the grades stop at *Reproduced at reduced scale*. How to run: [](../../book/running.md).{_staged_line(staged)}
 :::"""
 
 
-def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str | None = None) -> None:
+def _staged_line(staged: str | None) -> str:
+    if not staged:
+        return ""
+    return (f"\n\n**This page is the record of its committed run.** The chapter has changed since: its next run executes "
+            f"`{staged}` beside this notebook, and that is the version to run yourself (`repro run` does; on Colab, "
+            "open that file) until this page is republished.")
+
+
+def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str | None = None,
+         staged: str | None = None) -> None:
     """Everything in this module's docstring, in place. A chapter whose notebook does not declare its
     minimum GPU (``nb.metadata.course``; tests/test_book.py asks every chapter for it) keeps its Colab cell
     and gets no running note."""
@@ -255,7 +266,7 @@ def tidy(nb, *, root: Path, chapter: str, minutes: dict[str, float], ledger: str
         nb.cells.insert(0, nb.cells.pop(title))
     if not known:
         return
-    note = running_note(minutes, meta)
+    note = running_note(minutes, meta, staged)
     have = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("course", {}).get("generated") == RUNNING_NOTE]
     if have:
         nb.cells[have[0]].source = note
@@ -277,7 +288,8 @@ def tidy_committed(root: Path) -> list[Path]:
 
         shown = ledger_.latest(root, ch.id)  # the notebook shows the latest published run
         tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes,
-             ledger=str(shown[0].relative_to(root)) if shown else None)
+             ledger=str(shown[0].relative_to(root)) if shown else None,
+             staged=ch.next_notebook.name if ch.next_notebook.is_file() else None)
         nbformat.write(nb, ch.notebook)
         if ch.notebook.read_text() != before:
             changed.append(ch.notebook)
