@@ -28,9 +28,10 @@ CH01_H200 = ROOT / "results" / "gpu" / "01_speedrun_muon" / "nvidia-h200.json"  
 FROZEN = FOLDER / "calibration" / "ch01-h200-3d29a44-declaration.json"
 # polar_control_lrs is not here: the first run of this chapter (H100 at d0baffd) found the control's best rate at the top
 # of chapter 01's grid, and the grid moved up (declared before the next run; its help says so)
+# polar_seeds is not here either: up to 10 in this chapter's gpu profile since its first graded run (4 in chapter 01)
 SETTING = ("n_layer", "n_embd", "n_head", "seq_len", "vocab", "batch_size", "grad_accum", "tied_embed_lr",
-           "polar_seeds", "polar_tokens", "polar_lrs", "polar_control_steps", "eval_every", "eval_tokens",
-           "final_eval_tokens", "corpus", "compile_runs", "budget_s")
+           "polar_tokens", "polar_lrs", "polar_control_steps", "eval_every", "eval_tokens", "final_eval_tokens",
+           "corpus", "compile_runs", "budget_s")
 
 
 def test_the_frozen_declaration_is_what_chapter_01s_ledger_recorded():
@@ -75,11 +76,13 @@ def test_every_profile_that_grades_the_claim_runs_enough_seeds_and_bracketable_s
             assert P["polar_seeds"] >= claim.replicates, (profile, P["polar_seeds"], claim.replicates)
         assert P["polar_control_steps"] < 5, "the control must be a worse orthogonalisation than NS5"
     gpu = resolve(ch.parameters, {"profile": "gpu"}, cuda=True, chapter=ch.id)
-    # one ten-minute call: the sweep at the first seed (its best runs graded) and three runs for each further seed,
-    # runs of 640 steps: ~9.7 s each on the H100 at d0baffd (175 s for 18), ~13 s on the H200 of 3d29a44; at most 22
-    # runs (~290 s there) keep the notebook well inside budget_s 525 on either
-    n_runs = len(gpu["polar_lrs"]) * 2 + len(gpu["polar_control_lrs"]) + 3 * (gpu["polar_seeds"] - 1)
-    assert n_runs <= 22 and gpu["polar_tokens"] <= 10_485_760, (n_runs, gpu["polar_tokens"])
+    # one ten-minute call: the sweep at the first seed (its best runs graded) and three runs for each further seed, runs
+    # of 640 steps (the H100 at 43a23ff: 157 s for the 10 sweep runs, ~36 s a further seed). The valve stops seeds that
+    # would not end inside budget_s and the notebook grades those that finished, so polar_seeds is an upper bound; the
+    # sweep and the least replicates must fit with room (~157 + 2 x 36 s against 525 s, on a host 1.5x slower too)
+    n_sweep = len(gpu["polar_lrs"]) * 2 + len(gpu["polar_control_lrs"])
+    assert 1.5 * (n_sweep * 15.7 + (claim.replicates - 1) * 36) + 30 < gpu["budget_s"], (n_sweep, gpu["budget_s"])
+    assert gpu["polar_tokens"] <= 10_485_760 and gpu["polar_seeds"] >= claim.replicates
     # the control's grid reaches above its best rate in the first run (0.02, the top of chapter 01's grid)
     assert max(gpu["polar_control_lrs"]) > 0.02 and min(gpu["polar_control_lrs"]) <= 0.02
 
@@ -111,3 +114,16 @@ def test_the_notebook_records_the_claim_once_and_imports_chapter_01s_module():
     assert code.count(f'run.record("{CLAIM}"') == 1
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                 if o.get("output_type") == "error"]
+
+
+def test_the_next_run_grades_the_seeds_that_finish_if_there_are_enough():
+    """The notebook the next run executes stops paired seeds by time alone and grades those that finished when they are
+    at least the claim's replicates; fewer leave the claim untested, and the card's setting says how many ran."""
+    ch = load_chapter(FOLDER)
+    nb = nbformat.read(ch.source_notebook, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    if ch.source_notebook == ch.notebook and "least = " not in code:
+        pytest.skip("no staged version: the published notebook grades only when every declared seed ran")
+    assert 'least = next(c.replicates for c in run.chapter.claims if c.id == "ns5-vs-exact-polar-tuned")' in code
+    assert "elif polar_skip or len(polar) < least:" in code
+    assert "the time valve stopped the rest" in code
