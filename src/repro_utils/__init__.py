@@ -8,7 +8,7 @@ execute / cli (the ``repro`` command).
 
 from repro_utils.grading import Grade, Measurement, grade
 from repro_utils.profiles import ParameterError
-from repro_utils.run import Run, start
+from repro_utils.run import Clock, Run, start
 
-__all__ = ["Grade", "Measurement", "ParameterError", "Run", "grade", "start"]
+__all__ = ["Clock", "Grade", "Measurement", "ParameterError", "Run", "grade", "start"]
 __version__ = "0.1.0"

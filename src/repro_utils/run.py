@@ -255,6 +255,32 @@ def card(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(notes)
 
 
+class Clock:
+    """A notebook's time per section and its safety valve: a part of the run (or one seed of it) starts only if the
+    time it is expected to take still fits in ``budget_s`` seconds since ``t0`` (``run.t0``); otherwise its claims are
+    recorded Unverified ('time budget'), so that a run never dies at the device call's limit with nothing saved.
+    ``parts`` (optional) are the run's ``parts`` parameter: a part not among them is skipped, saying so."""
+
+    def __init__(self, t0: float, budget_s: float, parts: list[str] | None = None):
+        self.t0, self.budget_s, self.parts, self.laps = t0, budget_s, parts, {}
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def skip(self, part: str | None = None, expect_s: float = 0.0) -> str | None:
+        """None if ``part`` (or, without one, work expected to take ``expect_s`` seconds) may start now, else why not."""
+        if part is not None and self.parts is not None and part not in self.parts:
+            return f"the '{part}' part is not among this run's parts ({', '.join(self.parts)})"
+        if self.elapsed() + expect_s > self.budget_s:
+            return (f"time budget: {self.elapsed():.0f} s elapsed + ~{expect_s:.0f} s expected > "
+                    f"budget_s = {self.budget_s:.0f} s")
+        return None
+
+    def lap(self, name: str, since: float) -> None:
+        """Record and print the seconds a section took since ``since`` (a time.time())."""
+        self.laps[name] = round(time.time() - since, 1)
+        print(f"[{name}: {self.laps[name]:.0f} s; {self.elapsed():.0f} s since the run started]")
+
 def start(claims: str | Path = "claims.yaml", **given: Any) -> Run:
     """Begin a run: load and validate the chapter, check the parameters, seed everything.
 
