@@ -49,8 +49,7 @@ def test_a_chapter_opens_with_its_title_then_how_to_run_it(ch):
     note = nb.cells[1]
     assert note.get("metadata", {}).get("course", {}).get("generated") == notebooks.RUNNING_NOTE, \
         f"{ch.notebook.name}: the second cell must be the 'Running this chapter' note"
-    staged = ch.next_notebook.name if ch.next_notebook.is_file() else None  # then the note says to run that one
-    assert note.source == notebooks.running_note(ch.minutes, nb.metadata["course"], staged), \
+    assert note.source == notebooks.running_note(ch.minutes, nb.metadata["course"], ch.staged), \
         f"{ch.notebook.name}: the running note disagrees with claims.yaml's minutes: python -m repro_utils.notebooks"
 
 
@@ -110,7 +109,7 @@ def test_outputs_hold_no_known_debris_and_tidying_changes_nothing(ch):
     again = copy.deepcopy(nb)
     shown = ledger.latest(ROOT, ch.id)[0].relative_to(ROOT)  # the run it shows
     notebooks.tidy(again, root=ROOT, chapter=ch.id, minutes=ch.minutes, ledger=str(shown),
-                   staged=ch.next_notebook.name if ch.next_notebook.is_file() else None)
+                   staged=ch.staged)
     assert again == nb, f"{ch.notebook.name}: not tidy: python -m repro_utils.notebooks"
 
 

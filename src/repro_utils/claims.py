@@ -137,6 +137,12 @@ class Chapter:
         """The notebook a run executes: the staged next version if there is one, else the published one."""
         return self.next_notebook if self.next_notebook.is_file() else self.notebook
 
+    @property
+    def staged(self) -> str | None:
+        """The staged next version's file name while there is one (the published page's running note then names it
+        as the one to run), else None."""
+        return self.next_notebook.name if self.next_notebook.is_file() else None
+
     def claim(self, claim_id: str) -> Claim:
         for c in self.claims:
             if c.id == claim_id:

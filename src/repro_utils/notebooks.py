@@ -289,7 +289,7 @@ def tidy_committed(root: Path) -> list[Path]:
         shown = ledger_.latest(root, ch.id)  # the notebook shows the latest published run
         tidy(nb, root=root, chapter=ch.id, minutes=ch.minutes,
              ledger=str(shown[0].relative_to(root)) if shown else None,
-             staged=ch.next_notebook.name if ch.next_notebook.is_file() else None)
+             staged=ch.staged)
         nbformat.write(nb, ch.notebook)
         if ch.notebook.read_text() != before:
             changed.append(ch.notebook)

@@ -281,6 +281,7 @@ class Clock:
         self.laps[name] = round(time.time() - since, 1)
         print(f"[{name}: {self.laps[name]:.0f} s; {self.elapsed():.0f} s since the run started]")
 
+
 def start(claims: str | Path = "claims.yaml", **given: Any) -> Run:
     """Begin a run: load and validate the chapter, check the parameters, seed everything.
 
